@@ -1,0 +1,150 @@
+"""The `fnserve` command: options in, a config or a library call out, no logic of its own."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import OPTIONS, Config, format_duration, load_config, parse_duration
+from .errors import FnServeError
+
+EXIT_FAILED = 1  # output too large, build failed
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_SIGNAL_BASE = 128
+
+
+class CliError(click.ClickException):
+    """One line, `Error: ...`, exit 2: no usage dump, no traceback."""
+
+    exit_code = EXIT_USAGE
+
+
+def _server_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    # every serve/dev flag comes from config.OPTIONS; defaults are applied there,
+    # after FNSERVE_* and fnserve.toml, so click passes None for "not given"
+    for option in reversed(OPTIONS):
+        command = click.option(f"--{option.name}", option.field, default=None,
+                               multiple=option.multiple, metavar=option.metavar,
+                               help=option.help)(command)
+    return click.argument("directory", required=False, metavar="DIR")(command)
+
+
+def _config(directory: str | None, flags: dict[str, Any], dev: bool) -> Config:
+    try:
+        return load_config(directory, flags, os.environ, dev=dev)
+    except FnServeError as exc:
+        raise CliError(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fnserve")
+def main() -> None:
+    """FnServe: run Python, Go and executable functions behind HTTP."""
+
+
+@main.command()
+@_server_options
+def serve(directory: str | None, **flags: Any) -> None:
+    """Serve the functions in DIR with gunicorn (JSON logs)."""
+    from .server import serve as run_server
+
+    run_server(_config(directory, flags, dev=False))
+
+
+@main.command()
+@_server_options
+def dev(directory: str | None, **flags: Any) -> None:
+    """Serve DIR and reload on every change (readable logs)."""
+    from .server import serve as run_server
+
+    run_server(_config(directory, flags, dev=True))
+
+
+def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, item = value.partition("=")
+        if not sep or not key:
+            raise CliError(f"{flag} {value!r}: expected KEY=VALUE")
+        pairs[key] = item
+    return pairs
+
+
+@main.command()
+@click.argument("target")
+@click.option("--dir", "directory", default=".", metavar="DIR", help="Where to find TARGET.")
+@click.option("--data", metavar="JSON|@FILE", help="The event (default: stdin, else {}).")
+@click.option("--param", multiple=True, metavar="K=V", help="A query parameter (repeatable).")
+@click.option("--env", multiple=True, metavar="K=V", help="A context env entry (repeatable).")
+@click.option("--timeout", metavar="DURATION", help="Shorten the function's deadline.")
+def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
+        env: tuple[str, ...], timeout: str | None) -> None:
+    """Invoke one function once, without a server."""
+    from .invoke import parse_event, resolve, run_function
+
+    try:
+        seconds = parse_duration(timeout) if timeout is not None else None
+        spec = resolve(target, directory)
+        if data is None and sys.stdin is not None and not sys.stdin.isatty():
+            event = parse_event(sys.stdin.buffer.read())
+        else:
+            event = parse_event(data)
+    except (ValueError, FnServeError) as exc:
+        raise CliError(str(exc)) from None
+
+    def echo_stderr(_invocation: object, line: str) -> None:
+        click.echo(line, err=True)
+
+    try:
+        result = run_function(spec, event, parameters=_pairs(param, "--param"),
+                              env=_pairs(env, "--env"), timeout=seconds,
+                              stderr_sink=echo_stderr)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_SIGNAL_BASE + 2)
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    if result.outcome == "timeout":
+        click.echo(f"fnserve: {spec.name} timed out after "
+                   f"{format_duration(result.context.deadline or 0)}", err=True)
+        sys.exit(EXIT_TIMEOUT)
+    if result.outcome == "output_too_large":
+        click.echo(f"fnserve: {spec.name} wrote more than the output limit", err=True)
+        sys.exit(EXIT_FAILED)
+    if result.outcome == "build_failed":
+        click.echo(f"fnserve: {result.error}", err=True)
+        sys.exit(EXIT_FAILED)
+    if result.error:
+        click.echo(f"fnserve: {result.error}", err=True)
+    if result.signal is not None:
+        sys.exit(EXIT_SIGNAL_BASE + result.signal)
+    sys.exit(result.exit_code or 0)
+
+
+@main.command("list")
+@click.argument("directory", metavar="DIR", default=".")
+def list_functions(directory: str) -> None:
+    """List the functions in DIR with their settings and status."""
+    from .listing import describe
+
+    try:
+        rows = describe(directory, os.environ)
+    except FnServeError as exc:
+        raise CliError(str(exc)) from None
+    if not rows:
+        click.echo(f"no functions in {directory}")
+        return
+    table = [("NAME", "RUNTIME", "TIMEOUT", "MEMORY", "STATUS")] + [
+        (r["name"], r["runtime"], r["timeout"] or "-", r["memory"] or "-",
+         r["status"] if r["status"] == "ok" else f"error: {r['error']}")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    for row in table:
+        cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
+        click.echo("  ".join([*cells, row[4].splitlines()[0] if row[4] else ""]))

@@ -1,0 +1,293 @@
+"""One frozen server configuration: flags > FNSERVE_* env > [server] of fnserve.toml > defaults.
+
+Every option is declared once in OPTIONS (like gunicorn's Setting classes); the
+CLI builds its click options from the same table, so a flag, its variable and
+its toml key can never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .context import base_environment
+from .errors import ConfigError
+
+TOML_NAME = "fnserve.toml"
+DEFAULT_FORWARD_HEADERS = ("X-API-Key", "Authorization", "X-Forwarded-For")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_duration(value: Any) -> float:
+    """'500ms', '10s', '2m', '1h' or a bare number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use 500ms, 10s, 2m, 1h)")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive: {value!r}")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """'512KB', '6MB', '1GB' (powers of 1024) or a number of bytes -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if not match:
+            raise ValueError(f"not a size: {value!r} (use 512KB, 6MB, 1GB or bytes)")
+        unit = (match.group(2) or "").lower()[:1]
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"size must be positive: {value!r}")
+    return size
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"not a number: {value!r}")
+    number = int(value)
+    if number < 1:
+        raise ValueError(f"must be at least 1: {value!r}")
+    return number
+
+
+def _port(value: Any) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"not a port: {value!r}")
+    return number
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"not a string: {value!r}")
+    return value
+
+
+def _log_format(value: Any) -> str:
+    if value not in ("json", "text"):
+        raise ValueError(f"must be json or text: {value!r}")
+    return str(value)
+
+
+def _header_name(value: Any) -> str:
+    if not isinstance(value, str) or not _HEADER_NAME.match(value):
+        raise ValueError(f"not a header name: {value!r}")
+    return value
+
+
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str) or not _ENV_NAME.match(value):
+        raise ValueError(f"not an environment variable name: {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the long flag without dashes, with '-' between words
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    dev_default: Any = None
+    multiple: bool = False
+    metavar: str = "VALUE"
+
+    @property
+    def field(self) -> str:
+        return self.name.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "FNSERVE_" + self.field.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", _text, "127.0.0.1", "Address to bind.", metavar="HOST"),
+    Option("port", _port, 8080, "Port to bind.", metavar="PORT"),
+    Option("concurrency", _positive_int, 100, "Invocations admitted at once; one more gets 429.",
+           dev_default=10, metavar="N"),
+    Option("timeout", parse_duration, 30.0, "Longest deadline of a function.",
+           dev_default=10.0, metavar="DURATION"),
+    Option("workers", _positive_int, None, "Threads running functions (default: --concurrency).",
+           metavar="N"),
+    Option("max-body", parse_size, 6 * 1024**2, "Largest request body.", metavar="SIZE"),
+    Option("max-output", parse_size, 6 * 1024**2, "Largest function stdout.", metavar="SIZE"),
+    Option("api-key", _text, None, "Require this key in X-API-Key or Authorization: Bearer.",
+           metavar="KEY"),
+    Option("forward-header", _header_name, (), "Also forward this request header (repeatable).",
+           multiple=True, metavar="HEADER"),
+    Option("pass-env", _env_name, (), "Pass this server variable to functions (repeatable).",
+           multiple=True, metavar="NAME"),
+    Option("graceful-timeout", parse_duration, None,
+           "Time running invocations get at shutdown (default: --timeout + 5s).",
+           metavar="DURATION"),
+    Option("log-format", _log_format, "json", "Log format.", dev_default="text",
+           metavar="json|text"),
+)
+OPTIONS_BY_FIELD = {option.field: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    functions_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    concurrency: int = 100
+    timeout: float = 30.0
+    workers: int = 100
+    max_body: int = 6 * 1024**2
+    max_output: int = 6 * 1024**2
+    api_key: str | None = None
+    forward_headers: tuple[str, ...] = DEFAULT_FORWARD_HEADERS
+    pass_env: tuple[str, ...] = ()
+    graceful_timeout: float = 35.0
+    log_format: str = "json"
+    dev: bool = False
+    # read from the server's environment once, here, and passed down
+    base_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    cache_dir: Path = Path(".cache/fnserve")
+    build_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def read_toml(functions_dir: Path) -> dict[str, Any]:
+    """The parsed fnserve.toml of DIR, {} when there is none."""
+    path = functions_dir / TOML_NAME
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def cache_dir(environ: Mapping[str, str]) -> Path:
+    """Where Go binaries are cached: $XDG_CACHE_HOME/fnserve or ~/.cache/fnserve."""
+    xdg = environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg) / "fnserve"
+    return Path(environ.get("HOME") or Path.home()) / ".cache" / "fnserve"
+
+
+def build_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """What `go build` sees: the toolchain's own settings, not the server's secrets."""
+    keep = ("PATH", "HOME", "TMPDIR", "LANG")
+    return {key: value for key, value in environ.items()
+            if key in keep or key.startswith(("GO", "CGO_"))}
+
+
+def _split_env_list(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def load_config(
+    functions_dir: str | Path | None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    dev: bool = False,
+    toml: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the one Config. `flags` maps option fields to raw values (None = not given)."""
+    flags = flags or {}
+    environ = environ or {}
+    raw_dir = functions_dir or environ.get("FNSERVE_FUNCTIONS_DIR")
+    if not raw_dir:
+        raise ConfigError("no functions directory: give DIR or set FNSERVE_FUNCTIONS_DIR")
+    directory = Path(raw_dir).resolve()
+    if not directory.is_dir():
+        raise ConfigError(f"{raw_dir}: not a directory")
+    document = read_toml(directory) if toml is None else toml
+    server_table = document.get("server", {})
+    if not isinstance(server_table, dict):
+        raise ConfigError(f"{directory / TOML_NAME}: [server] must be a table")
+    from_toml: dict[str, Any] = {}
+    for key, value in server_table.items():
+        option = OPTIONS_BY_FIELD.get(key.replace("-", "_"))
+        if option is None:
+            raise ConfigError(f"{directory / TOML_NAME}: [server] {key}: unknown option")
+        from_toml[option.field] = (key, value)
+
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        where, raw = _pick(option, flags, environ, from_toml, directory)
+        if raw is None:
+            values[option.field] = option.dev_default if dev and option.dev_default is not None \
+                else option.default
+            continue
+        try:
+            if option.multiple:
+                items = raw if isinstance(raw, (list, tuple)) else [raw]
+                values[option.field] = tuple(option.parse(item) for item in items)
+            else:
+                values[option.field] = option.parse(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    workers = values.pop("workers") or values["concurrency"]
+    graceful = values.pop("graceful_timeout") or values["timeout"] + 5.0
+    extra_headers = values.pop("forward_header")
+    forward = DEFAULT_FORWARD_HEADERS + tuple(
+        h for h in extra_headers if h.lower() not in {d.lower() for d in DEFAULT_FORWARD_HEADERS}
+    )
+    return Config(
+        functions_dir=directory,
+        base_env=base_environment(environ, values["pass_env"]),
+        cache_dir=cache_dir(environ),
+        build_env=build_environment(environ),
+        workers=workers,
+        graceful_timeout=graceful,
+        forward_headers=forward,
+        dev=dev,
+        **values,
+    )
+
+
+def _pick(
+    option: Option,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    from_toml: Mapping[str, tuple[str, Any]],
+    directory: Path,
+) -> tuple[str, Any]:
+    flag = flags.get(option.field)
+    if flag not in (None, (), []):
+        return f"--{option.name}", flag
+    if option.env in environ:
+        value = environ[option.env]
+        return option.env, _split_env_list(value) if option.multiple else value
+    if option.field in from_toml:
+        key, value = from_toml[option.field]
+        return f"{directory / TOML_NAME}: [server] {key}", value
+    return "", None

@@ -1,0 +1,124 @@
+"""FnServe's errors. The HTTP status and the SPEC's error code live on the class.
+
+One Flask error handler (app.py) turns any of these into the JSON error body;
+the CLI maps the non-HTTP ones (ConfigError, UsageError) to exit code 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FnServeError(Exception):
+    status = 500
+    code = "internal"
+    message = "internal error"
+
+    def __init__(self, message: str | None = None, **extra: Any) -> None:
+        super().__init__(message or self.message)
+        self.extra = extra
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self, request_id: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"error": str(self), "code": self.code}
+        if request_id:
+            body["request_id"] = request_id
+        body.update(self.extra)
+        return body
+
+
+class InvalidJSON(FnServeError):
+    status = 400
+    code = "invalid_json"
+    message = "request body is not valid JSON"
+
+
+class Unauthorized(FnServeError):
+    status = 401
+    code = "unauthorized"
+    message = "missing or wrong API key"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="fnserve"'}
+
+
+class NotFound(FnServeError):
+    status = 404
+    code = "not_found"
+    message = "no such function"
+
+
+class MethodNotAllowed(FnServeError):
+    status = 405
+    code = "method_not_allowed"
+    message = "method not allowed"
+
+
+class PayloadTooLarge(FnServeError):
+    status = 413
+    code = "payload_too_large"
+    message = "request body too large"
+
+
+class TooManyRequests(FnServeError):
+    status = 429
+    code = "too_many_requests"
+    message = "too many requests"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class FunctionFailed(FnServeError):
+    status = 502
+    code = "function_failed"
+    message = "function failed"
+
+
+class OutputTooLarge(FnServeError):
+    status = 502
+    code = "output_too_large"
+    message = "function output too large"
+
+
+class BuildFailed(FnServeError):
+    status = 502
+    code = "build_failed"
+    message = "function does not build"
+
+
+class FunctionTimeout(FnServeError):
+    status = 504
+    code = "timeout"
+    message = "function timed out"
+
+
+class ClientClosed(FnServeError):
+    """The client went away; nobody reads this response, it is logged as 499."""
+
+    status = 499
+    code = "cancelled"
+    message = "client closed the connection"
+
+
+class Unavailable(FnServeError):
+    status = 503
+    code = "unavailable"
+    message = "server is shutting down"
+
+
+class ConfigError(FnServeError):
+    """A bad fnserve.toml, flag or FNSERVE_* variable: exit 2 at startup."""
+
+    code = "config"
+
+
+class UsageError(FnServeError):
+    """A bad CLI argument (unknown function, bad --data): exit 2."""
+
+    code = "usage"

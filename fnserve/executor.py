@@ -1,0 +1,458 @@
+"""The process lifecycle: one frozen Invocation in, one Result out.
+
+Knows nothing of HTTP. Each invocation is one fresh process in its own session
+(start_new_session keeps CPython's vfork fast path; preexec_fn would force a real
+fork and is unsafe in a threaded server). One thread per invocation multiplexes
+stdin, stdout, stderr, the process's pidfd and a cancel eventfd with poll(), so:
+- stdout is capped while it is read (communicate() would buffer everything);
+- the deadline, a cancel or an overflow SIGKILLs the whole process group, and a
+  grandchild that still holds the pipes cannot keep the request open;
+- when the main process exits, whatever it left running in its group is killed.
+A grandchild that calls setsid() leaves the group and cannot be reached by a
+group kill; its pipes are closed on it after EXIT_GRACE.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .context import Context, function_environment
+from .registry import FunctionSpec
+from .runtimes import BuildError, Runtime
+
+OUTCOMES = ("ok", "failed", "timeout", "output_too_large", "build_failed", "cancelled")
+STDERR_TAIL = 64 * 1024
+MAX_STDERR_LINE = 16 * 1024
+READ_CHUNK = 64 * 1024
+EXIT_GRACE = 0.2  # seconds an exited function's leftover pipe holders get before we stop reading
+DEFAULT_MAX_OUTPUT = 6 * 1024 * 1024
+# a fixed search path: the memory wrapper must not depend on the caller's PATH
+_SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
+
+_POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_POLL_OUT = select.POLLOUT | select.POLLHUP | select.POLLERR
+
+
+@dataclass(frozen=True)
+class Invocation:
+    spec: FunctionSpec
+    context: Context
+    event: bytes
+    deadline_at: float  # time.monotonic() by which the function must be done
+    base_env: Mapping[str, str] = field(default_factory=dict)
+    max_output: int = DEFAULT_MAX_OUTPUT
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: str
+    context: Context
+    stdout: bytes = b""
+    stderr_tail: bytes = b""
+    exit_code: int | None = None
+    signal: int | None = None
+    duration: float = 0.0  # seconds from spawn to reap
+    error: str = ""  # build error or start failure, for the caller
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+StderrSink = Callable[[Invocation, str], None]
+
+
+class Run:
+    """A submitted invocation: its future, and cancel() for another thread."""
+
+    def __init__(self, invocation: Invocation) -> None:
+        self.invocation = invocation
+        self.future: Future[Result] = Future()
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._wake_fd = -1
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def result(self, timeout: float | None = None) -> Result:
+        return self.future.result(timeout)
+
+    def _attach(self, wake_fd: int) -> bool:
+        with self._lock:
+            self._wake_fd = wake_fd
+            return self._cancelled
+
+    def _detach(self) -> None:
+        with self._lock:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
+
+
+class Executor:
+    def __init__(
+        self,
+        workers: int,
+        runtimes: Mapping[str, Runtime],
+        stderr_sink: StderrSink | None = None,
+        stderr_log_limit: int | None = 1024 * 1024,
+    ) -> None:
+        self.runtimes = runtimes
+        self.stderr_sink = stderr_sink
+        self.stderr_log_limit = stderr_log_limit
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fnserve-run")
+        self._lock = threading.Lock()
+        self._active: set[Run] = set()
+        # The memory limit is RLIMIT_DATA set by util-linux prlimit, which then execs
+        # the function (same pid, ~1 ms). Not preexec_fn (unsafe with threads, and a
+        # real fork), not prlimit(pid) after spawn (the function runs unlimited until
+        # then). Without prlimit: `sh -c 'ulimit -d'`, same effect, one more exec.
+        self._prlimit = shutil.which("prlimit", path=_SYSTEM_PATH)
+
+    # -- public API -------------------------------------------------------------
+
+    def submit(self, invocation: Invocation) -> Run:
+        run = Run(invocation)
+        with self._lock:
+            self._active.add(run)
+        try:
+            self._pool.submit(self._run_into_future, run)
+        except RuntimeError:  # pool shut down: the server is stopping
+            self._forget(run)
+            run.future.set_result(Result("cancelled", invocation.context))
+        return run
+
+    def run(self, invocation: Invocation) -> Result:
+        """Run in the calling thread (the CLI has no use for a pool)."""
+        run = Run(invocation)
+        with self._lock:
+            self._active.add(run)
+        try:
+            return self._execute(run)
+        finally:
+            self._forget(run)
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def kill_all(self) -> None:
+        """Cancel every queued or running invocation and any build: the server stops."""
+        with self._lock:
+            runs = list(self._active)
+        for run in runs:
+            run.cancel()
+        for runtime in self.runtimes.values():
+            runtime.kill_all()
+
+    def shutdown(self) -> None:
+        self.kill_all()
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    # -- one invocation ---------------------------------------------------------
+
+    def _forget(self, run: Run) -> None:
+        with self._lock:
+            self._active.discard(run)
+
+    def _run_into_future(self, run: Run) -> None:
+        if not run.future.set_running_or_notify_cancel():
+            self._forget(run)
+            return
+        try:
+            result = self._execute(run)
+        except BaseException as exc:  # surfaced to the waiting request as a 500
+            run.future.set_exception(exc)
+        else:
+            run.future.set_result(result)
+        finally:
+            self._forget(run)
+
+    def _execute(self, run: Run) -> Result:
+        invocation = run.invocation
+        spec = invocation.spec
+        if run.cancelled:
+            return Result("cancelled", invocation.context)
+        build_started = time.monotonic()
+        try:
+            command = self.runtimes[spec.runtime].command(spec)
+        except BuildError as exc:
+            return Result("build_failed", invocation.context, error=str(exc))
+        # a build is FnServe's work, not the function's: it does not use up its deadline
+        now = time.monotonic()
+        deadline = invocation.deadline_at + (now - build_started)
+        remaining = deadline - now
+        if remaining <= 0:  # used up waiting in the queue
+            return Result("timeout", invocation.context.started(0.0))
+        if run.cancelled:
+            return Result("cancelled", invocation.context)
+        context = invocation.context.started(remaining)
+        argv = self._with_memory_limit(command.argv, spec.settings.memory)
+        started = time.monotonic()
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=command.cwd, env=function_environment(context, invocation.base_env),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            code = 127 if exc.errno == errno.ENOENT else 126
+            return Result("failed", context, exit_code=code,
+                          error=f"cannot start {spec.name}: {exc.strerror}")
+        stderr = _StderrLines(invocation, self.stderr_sink, self.stderr_log_limit)
+        try:
+            outcome, stdout = _Communication(proc, run, invocation, stderr, deadline).run()
+        except BaseException:  # Ctrl-C in `fnserve run`, or a bug: never leave it running
+            _killpg(proc.pid)
+            proc.wait()
+            raise
+        returncode = proc.wait()
+        duration = time.monotonic() - started
+        stderr.close()
+        if outcome is None:
+            outcome = "ok" if returncode == 0 else "failed"
+        return Result(
+            outcome, context, stdout=stdout, stderr_tail=stderr.tail(),
+            exit_code=returncode if returncode >= 0 else None,
+            signal=-returncode if returncode < 0 else None,
+            duration=duration,
+        )
+
+    def _with_memory_limit(self, argv: tuple[str, ...], memory: int | None) -> list[str]:
+        if not memory:
+            return list(argv)
+        if self._prlimit:
+            return [self._prlimit, f"--data={memory}", "--", *argv]
+        return ["/bin/sh", "-c", 'ulimit -d "$0" && exec "$@"', str(max(memory // 1024, 1)), *argv]
+
+
+class _Communication:
+    """communicate() with a capped stdout, a deadline, a cancel fd and the pidfd."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], run: Run, invocation: Invocation,
+                 stderr: _StderrLines, deadline: float) -> None:
+        self.proc = proc
+        self.run_handle = run
+        self.invocation = invocation
+        self.stderr = stderr
+        self.deadline = deadline
+        self.stdout: list[bytes] = []
+        self.stdout_size = 0
+        self.outcome: str | None = None
+        self.exited_at: float | None = None
+        assert proc.stdin and proc.stdout and proc.stderr
+        self.stdin_fd = proc.stdin.fileno()
+        self.stdout_fd = proc.stdout.fileno()
+        self.stderr_fd = proc.stderr.fileno()
+        self.event = memoryview(invocation.event)
+        self.written = 0
+        self.poller = select.poll()
+        self.reading = {self.stdout_fd, self.stderr_fd}
+        self.pidfd = -1
+        self.wake_fd = -1
+
+    def run(self) -> tuple[str | None, bytes]:
+        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            if self.run_handle._attach(self.wake_fd):
+                self._kill("cancelled")
+            self._setup()
+            self._loop()
+        finally:
+            self.run_handle._detach()
+            self._close()
+        if self.outcome is not None:
+            self.stdout = []
+            self.stdout_size = 0
+        return self.outcome, b"".join(self.stdout)
+
+    def _setup(self) -> None:
+        for fd in (self.stdout_fd, self.stderr_fd):
+            self.poller.register(fd, _POLL_IN)
+        self.poller.register(self.wake_fd, select.POLLIN)
+        try:
+            self.pidfd = os.pidfd_open(self.proc.pid)
+            self.poller.register(self.pidfd, select.POLLIN)
+        except OSError:  # no pidfd (old kernel): exit is checked with waitid on each wakeup
+            self.pidfd = -1
+        if self.event:
+            os.set_blocking(self.stdin_fd, False)
+            self.poller.register(self.stdin_fd, _POLL_OUT)
+        else:
+            self._close_stdin()
+
+    def _loop(self) -> None:
+        while self.outcome is None:
+            now = time.monotonic()
+            if self.exited_at is None:
+                if now >= self.deadline:
+                    self._kill("timeout")
+                    return
+                if self.pidfd < 0 and _has_exited(self.proc.pid):
+                    self._leader_exited(now)
+                    continue
+                until = self.deadline
+                if self.pidfd < 0:
+                    until = min(until, now + 0.02)
+            else:
+                if not self.reading or now >= self.exited_at + EXIT_GRACE:
+                    return
+                until = self.exited_at + EXIT_GRACE
+            try:
+                events = self.poller.poll(max(0.0, until - now) * 1000 + 1)
+            except InterruptedError:
+                continue
+            for fd, mask in events:
+                self._handle(fd, mask)
+                if self.outcome is not None:
+                    return
+
+    def _handle(self, fd: int, mask: int) -> None:
+        if fd == self.stdout_fd or fd == self.stderr_fd:
+            data = os.read(fd, READ_CHUNK)
+            if not data:
+                self.poller.unregister(fd)
+                self.reading.discard(fd)
+            elif fd == self.stdout_fd:
+                self.stdout_size += len(data)
+                if self.stdout_size > self.invocation.max_output:
+                    self._kill("output_too_large")
+                else:
+                    self.stdout.append(data)
+            else:
+                self.stderr.feed(data)
+        elif fd == self.stdin_fd:
+            self._write_stdin(mask)
+        elif fd == self.pidfd:
+            self.poller.unregister(fd)
+            self._leader_exited(time.monotonic())
+        elif fd == self.wake_fd:
+            self._kill("cancelled")
+
+    def _write_stdin(self, mask: int) -> None:
+        if mask & (select.POLLHUP | select.POLLERR):
+            self._close_stdin()
+            return
+        try:
+            chunk = self.event[self.written:self.written + READ_CHUNK]
+            self.written += os.write(self.stdin_fd, chunk)
+        except BlockingIOError:
+            return
+        except OSError:  # EPIPE: the function does not read its stdin, that is its right
+            self._close_stdin()
+            return
+        if self.written >= len(self.event):
+            self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        assert self.proc.stdin is not None
+        if not self.proc.stdin.closed:
+            try:
+                self.poller.unregister(self.stdin_fd)
+            except KeyError:
+                pass  # never registered: an empty event
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass  # EPIPE on flush of an already-dead reader; nothing is lost
+
+    def _leader_exited(self, now: float) -> None:
+        self.exited_at = now
+        # the function is done; whatever it left running in its group goes with it
+        _killpg(self.proc.pid)
+
+    def _kill(self, outcome: str) -> None:
+        self.outcome = outcome
+        _killpg(self.proc.pid)
+
+    def _close(self) -> None:
+        self._close_stdin()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+
+
+def _killpg(pgid: int) -> None:
+    # Safe from pid reuse: only the executing thread reaps the leader, after this
+    # point, and an unreaped (zombie) leader keeps its group id reserved.
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+def _has_exited(pid: int) -> bool:
+    # WNOWAIT: look without reaping, so the group id stays reserved for _killpg
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    return info is not None
+
+
+class _StderrLines:
+    """Keeps the last STDERR_TAIL bytes and hands each line to the sink (bounded)."""
+
+    def __init__(self, invocation: Invocation, sink: StderrSink | None, limit: int | None) -> None:
+        self.invocation = invocation
+        self.sink = sink
+        self.limit = limit
+        self._tail = bytearray()
+        self._partial = bytearray()
+        self._logged = 0
+        self._dropped = 0
+
+    def feed(self, data: bytes) -> None:
+        self._tail += data
+        if len(self._tail) > STDERR_TAIL:
+            del self._tail[:len(self._tail) - STDERR_TAIL]
+        if self.sink is None:
+            return
+        if self.limit is not None and self._logged >= self.limit:
+            self._dropped += len(data)
+            return
+        self._partial += data
+        *lines, rest = bytes(self._partial).split(b"\n")
+        self._partial = bytearray(rest)
+        if len(self._partial) > MAX_STDERR_LINE:
+            lines.append(rest)
+            self._partial.clear()
+        for line in lines:
+            self._emit(line)
+
+    def _emit(self, line: bytes) -> None:
+        assert self.sink is not None
+        if self.limit is not None and self._logged >= self.limit:
+            self._dropped += len(line) + 1
+            return
+        self._logged += len(line) + 1
+        self.sink(self.invocation, line.decode("utf-8", "replace").rstrip("\r"))
+
+    def close(self) -> None:
+        if self.sink is None:
+            return
+        if self._partial:
+            self._emit(bytes(self._partial))
+            self._partial.clear()
+        if self._dropped:
+            self.sink(self.invocation, f"[fnserve] {self._dropped} more bytes of stderr not logged")
+
+    def tail(self) -> bytes:
+        return bytes(self._tail)

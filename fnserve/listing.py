@@ -1,0 +1,40 @@
+"""What `fnserve list` prints and GET /functions answers: one description per function."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import build_environment, cache_dir, format_duration
+from .registry import Registry, load_registry
+from .runtimes import Runtime, make_runtimes
+
+
+def format_size(size: int) -> str:
+    for unit, factor in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+def describe_registry(registry: Registry, runtimes: Mapping[str, Runtime]) -> list[dict[str, Any]]:
+    rows = []
+    for spec in registry:
+        problem = runtimes[spec.runtime].problem(spec)
+        settings = spec.settings
+        rows.append({
+            "name": spec.name,
+            "runtime": spec.runtime,
+            "timeout": format_duration(settings.timeout) if settings.timeout else None,
+            "memory": format_size(settings.memory) if settings.memory else None,
+            "status": "ok" if problem is None else "error",
+            "error": problem,
+        })
+    return rows
+
+
+def describe(directory: str | Path, environ: Mapping[str, str]) -> list[dict[str, Any]]:
+    registry = load_registry(directory)
+    runtimes = make_runtimes(cache_dir(environ), build_environment(environ))
+    return describe_registry(registry, runtimes)

