@@ -52,18 +52,23 @@ def main() -> None:
 @_server_options
 def serve(directory: str | None, **flags: Any) -> None:
     """Serve the functions in DIR with gunicorn (JSON logs)."""
-    from .server import serve as run_server
-
-    run_server(_config(directory, flags, dev=False))
+    _serve(_config(directory, flags, dev=False))
 
 
 @main.command()
 @_server_options
 def dev(directory: str | None, **flags: Any) -> None:
     """Serve DIR and reload on every change (readable logs)."""
+    _serve(_config(directory, flags, dev=True))
+
+
+def _serve(config: Config) -> None:
     from .server import serve as run_server
 
-    run_server(_config(directory, flags, dev=True))
+    try:
+        run_server(config)
+    except FnServeError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:

@@ -1,0 +1,24 @@
+"""Production gunicorn config for FnServe.
+
+    FNSERVE_FUNCTIONS_DIR=/srv/functions gunicorn -c conf/gunicorn.conf.py fnserve.wsgi:app
+
+Every setting comes from the same Config as `fnserve serve`: FNSERVE_HOST,
+FNSERVE_PORT, FNSERVE_CONCURRENCY, FNSERVE_TIMEOUT, FNSERVE_API_KEY, ... beat the
+[server] table of DIR/fnserve.toml, which beats the defaults. What it sets:
+- bind: FNSERVE_HOST:FNSERVE_PORT (127.0.0.1:8080 unless told otherwise);
+- one gthread worker (so the 429 limit and /stats are exact), with threads =
+  concurrency + 16, so the limiter answers 429 instead of gunicorn queueing;
+- timeout / graceful_timeout from FNSERVE_TIMEOUT / FNSERVE_GRACEFUL_TIMEOUT;
+- JSON logs on stderr for gunicorn's own lines and FnServe's (logconfig_dict);
+- hooks: drain on SIGTERM, and kill every function process group when a worker exits;
+- no control socket (gunicorn >= 25.1 would open one at a shared path).
+Override anything below the import, as in any gunicorn config file.
+"""
+
+import os
+
+from fnserve.config import load_config
+from fnserve.server import gunicorn_settings
+
+_config = load_config(None, {}, os.environ)
+globals().update(gunicorn_settings(_config))

@@ -1,0 +1,149 @@
+"""gunicorn, embedded: `fnserve serve` and `fnserve dev` run it in-process.
+
+One gthread worker by default, so the semaphore and the statistics are exact.
+Threads exceed the concurrency limit so that the limiter answers 429, rather
+than gunicorn quietly queueing the extra requests. Workers build their app after
+the fork (preload_app=False), so a SIGHUP gives fresh workers a fresh registry.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import logging
+import signal
+import threading
+from typing import Any
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
+
+from .app import create_app, get_state
+from .config import Config
+from .errors import ConfigError
+from .logs import logging_config
+from .registry import Registry, load_registry
+
+log = logging.getLogger("fnserve.server")
+
+SPARE_THREADS = 16  # beyond --concurrency: for 429s, /healthz, /metrics under full load
+
+
+def gunicorn_settings(config: Config) -> dict[str, Any]:
+    """gunicorn settings derived from the one Config (also used by conf/gunicorn.conf.py)."""
+    threads = config.concurrency + SPARE_THREADS
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return {
+        "bind": [f"{host}:{config.port}"],
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": threads,
+        "worker_connections": max(1000, threads * 2),
+        "backlog": 2048,
+        "keepalive": 5,
+        # gthread's main loop heartbeats while requests run; this only catches a hung worker
+        "timeout": int(config.timeout + config.graceful_timeout) + 30,
+        "graceful_timeout": math.ceil(config.graceful_timeout),  # gunicorn takes whole seconds
+        "preload_app": False,
+        "control_socket_disable": True,  # gunicorn >= 25.1 would open one at a shared path
+        "proc_name": "fnserve",
+        "logconfig_dict": logging_config(config.log_format, config.dev),
+        "post_worker_init": post_worker_init,
+        "worker_exit": worker_exit,
+    }
+
+
+def is_public(host: str) -> bool:
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host not in ("localhost",)
+
+
+def worker_app(config: Config, fallback: Registry) -> Flask:
+    """The app of one worker: a fresh scan, or the last good registry if the scan fails."""
+    try:
+        registry = load_registry(config.functions_dir)
+    except ConfigError as exc:
+        log.error("%s (keeping the last good configuration)", exc)
+        registry = fallback
+    return create_app(config, registry)
+
+
+def post_worker_init(worker: Any) -> None:
+    """SIGTERM (and, in serve, SIGINT): /healthz says draining, in-flight runs finish, then die."""
+    state = get_state(worker.wsgi)
+    stop_gracefully = worker.handle_exit
+
+    def drain(signum: int, frame: Any) -> None:
+        if not state.draining:
+            state.draining = True
+            # the arbiter SIGKILLs us at graceful_timeout: kill the functions first, so
+            # their requests get an answer and no process group outlives the worker
+            grace = max(state.config.graceful_timeout - 1.0, 0.5)
+            timer = threading.Timer(grace, state.executor.kill_all)
+            timer.daemon = True
+            timer.start()
+        stop_gracefully(signum, frame)
+
+    signal.signal(signal.SIGTERM, drain)
+    if not state.config.dev:
+        signal.signal(signal.SIGINT, drain)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Whatever way the worker ends, the process groups of its functions end with it."""
+    app = getattr(worker, "wsgi", None)
+    if isinstance(app, Flask) and "fnserve" in app.extensions:
+        get_state(app).executor.shutdown()
+
+
+class _GracefulArbiter(Arbiter):  # type: ignore[misc]
+    """Serve mode: SIGINT drains like SIGTERM (the SPEC treats them alike)."""
+
+    def handle_int(self) -> None:
+        self.handle_term()
+
+
+class FnServeApplication(BaseApplication):  # type: ignore[misc]
+    def __init__(self, config: Config, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry  # the master's last good registry, inherited by each fork
+        self.reloader: Any = None
+        super().__init__(prog="fnserve")
+
+    def load_config(self) -> None:
+        for key, value in gunicorn_settings(self.config).items():
+            self.cfg.set(key, value)
+        if self.config.dev:
+            self.cfg.set("when_ready", self._start_reloader)
+
+    def load(self) -> Flask:
+        return worker_app(self.config, self.registry)
+
+    def _start_reloader(self, arbiter: Any) -> None:
+        if self.reloader is None:
+            from .reloader import Reloader
+
+            self.reloader = Reloader(self, arbiter)
+            self.reloader.start()
+
+    def run(self) -> None:
+        arbiter = (Arbiter if self.config.dev else _GracefulArbiter)(self)
+        # after the Arbiter exists, so the warning goes through gunicorn's (JSON) logging
+        if is_public(self.config.host) and not self.config.api_key:
+            log.warning("fnserve listens on %s, reachable from other machines, and no "
+                        "--api-key is set: anyone who can reach port %s can run your "
+                        "functions", self.config.host, self.config.port)
+        try:
+            arbiter.run()
+        finally:
+            if self.reloader is not None:
+                self.reloader.stop()
+
+
+def serve(config: Config) -> None:
+    """Run the server until SIGTERM/SIGINT. Raises ConfigError before binding anything."""
+    registry = load_registry(config.functions_dir)
+    FnServeApplication(config, registry).run()

@@ -1,0 +1,88 @@
+"""Shared fixtures. Real processes, real files in tmp_path, real Go builds: no mocks.
+
+Caches: FnServe keeps Go binaries under $XDG_CACHE_HOME/fnserve, and the test
+session points XDG_CACHE_HOME at a temporary directory so no test reads or
+leaves binaries in the developer's cache. Go's own compile cache (GOCACHE) is
+shared with the developer's, though: go derives it from XDG_CACHE_HOME too, and
+a fresh one recompiles the standard library (~15 s) for every session.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from fnserve.config import build_environment, cache_dir
+from fnserve.executor import Executor, Invocation
+from fnserve.runtimes import Runtime, make_runtimes
+
+
+def _go_build_cache(environ: Mapping[str, str]) -> str:
+    # go's own rule (os.UserCacheDir): GOCACHE, else $XDG_CACHE_HOME/go-build, else ~/.cache
+    if environ.get("GOCACHE"):
+        return environ["GOCACHE"]
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "go-build")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """XDG_CACHE_HOME of the whole session (CLI subprocesses, servers) in a tmp dir."""
+    xdg = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GOCACHE", _go_build_cache(os.environ))
+        patch.setenv("XDG_CACHE_HOME", str(xdg))
+        yield xdg
+
+
+@pytest.fixture
+def environ(tmp_path: Path, isolated_cache: Path) -> dict[str, str]:
+    """A server environment to pass explicitly (run_function, load_config, ...).
+
+    Its own XDG_CACHE_HOME, so each test starts with no Go binary cached.
+    """
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "GOCACHE")
+           if key in os.environ}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
+    return env
+
+
+@pytest.fixture
+def fn_dir(tmp_path: Path) -> Path:
+    """An empty functions directory."""
+    directory = tmp_path / "functions"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def runtimes(environ: dict[str, str]) -> dict[str, Runtime]:
+    return make_runtimes(cache_dir(environ), build_environment(environ))
+
+
+class StderrLines:
+    """A stderr_sink that remembers (request_id, line) pairs."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def __call__(self, invocation: Invocation, line: str) -> None:
+        self.lines.append((invocation.context.request_id, line))
+
+    def of(self, request_id: str) -> list[str]:
+        return [line for rid, line in self.lines if rid == request_id]
+
+
+@pytest.fixture
+def stderr_lines() -> StderrLines:
+    return StderrLines()
+
+
+@pytest.fixture
+def executor(runtimes: dict[str, Runtime], stderr_lines: StderrLines) -> Iterator[Executor]:
+    pool = Executor(4, runtimes, stderr_sink=stderr_lines)
+    yield pool
+    pool.shutdown()
