@@ -8,14 +8,17 @@ that is refused anyway.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import yaml
 from flask import Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from werkzeug.exceptions import HTTPException
@@ -200,6 +203,14 @@ def _success(result: Result) -> Response:
     return Response(body, status=200, content_type=content_type)
 
 
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """docs/openapi.yaml (shipped in the package as fnserve/openapi.yaml), parsed once."""
+    text = (Path(__file__).parent / "openapi.yaml").read_text()
+    document: dict[str, Any] = yaml.safe_load(text)
+    return document
+
+
 def _error_response(error: FnServeError) -> Response:
     request_id = getattr(g, "request_id", None)
     response = Response(json.dumps(error.body(request_id)), status=error.status,
@@ -296,6 +307,10 @@ def _add_routes(app: Flask, state: State) -> None:
     def metrics() -> Response:
         _check_auth(config)
         return Response(generate_latest(state.metrics), content_type=CONTENT_TYPE_LATEST)
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi() -> Any:
+        return openapi_document()
 
     @app.route("/healthz", methods=["GET"])
     def healthz() -> Any:

@@ -9,8 +9,8 @@ the fork (preload_app=False), so a SIGHUP gives fresh workers a fresh registry.
 from __future__ import annotations
 
 import ipaddress
-import math
 import logging
+import math
 import signal
 import threading
 from typing import Any
