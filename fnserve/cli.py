@@ -138,7 +138,8 @@ def list_functions(directory: str) -> None:
     from .listing import describe
 
     try:
-        rows = describe(directory, os.environ)
+        rows = describe(directory, os.environ,
+                        warn=lambda warning: click.echo(f"warning: {warning}", err=True))
     except FnServeError as exc:
         raise CliError(str(exc)) from None
     if not rows:

@@ -78,6 +78,8 @@ def _positive_int(value: Any) -> int:
 
 
 def _port(value: Any) -> int:
+    if isinstance(value, bool):  # int(True) is 1: `port = true` must not bind port 1
+        raise ValueError(f"not a port: {value!r}")
     number = int(value)
     if not 0 <= number <= 65535:
         raise ValueError(f"not a port: {value!r}")
@@ -211,6 +213,35 @@ def _split_env_list(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
+def server_table(directory: Path, document: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """The [server] table of fnserve.toml as {field: (key, raw value)}, keys and values checked.
+
+    Every value is checked, even one a flag overrides: a bad file is bad for every caller.
+    """
+    table = document.get("server", {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{directory / TOML_NAME}: [server] must be a table")
+    found: dict[str, tuple[str, Any]] = {}
+    for key, value in table.items():
+        where = f"{directory / TOML_NAME}: [server] {key}"
+        option = OPTIONS_BY_FIELD.get(key.replace("-", "_"))
+        if option is None:
+            raise ConfigError(f"{where}: unknown option")
+        try:
+            _parse_option(option, value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        found[option.field] = (key, value)
+    return found
+
+
+def _parse_option(option: Option, raw: Any) -> Any:
+    if option.multiple:
+        items = raw if isinstance(raw, (list, tuple)) else [raw]
+        return tuple(option.parse(item) for item in items)
+    return option.parse(raw)
+
+
 def load_config(
     functions_dir: str | Path | None,
     flags: Mapping[str, Any] | None = None,
@@ -229,15 +260,12 @@ def load_config(
     if not directory.is_dir():
         raise ConfigError(f"{raw_dir}: not a directory")
     document = read_toml(directory) if toml is None else toml
-    server_table = document.get("server", {})
-    if not isinstance(server_table, dict):
-        raise ConfigError(f"{directory / TOML_NAME}: [server] must be a table")
-    from_toml: dict[str, Any] = {}
-    for key, value in server_table.items():
-        option = OPTIONS_BY_FIELD.get(key.replace("-", "_"))
-        if option is None:
-            raise ConfigError(f"{directory / TOML_NAME}: [server] {key}: unknown option")
-        from_toml[option.field] = (key, value)
+    from_toml = server_table(directory, document)
+    # the function tables too: `serve` must exit 2 on any bad fnserve.toml, not
+    # fail later in the app; imported here because registry imports this module
+    from .registry import load_settings
+
+    load_settings(directory, document)
 
     values: dict[str, Any] = {}
     for option in OPTIONS:
@@ -247,11 +275,7 @@ def load_config(
                 else option.default
             continue
         try:
-            if option.multiple:
-                items = raw if isinstance(raw, (list, tuple)) else [raw]
-                values[option.field] = tuple(option.parse(item) for item in items)
-            else:
-                values[option.field] = option.parse(raw)
+            values[option.field] = _parse_option(option, raw)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,11 @@ def describe_registry(registry: Registry, runtimes: Mapping[str, Runtime]) -> li
     return rows
 
 
-def describe(directory: str | Path, environ: Mapping[str, str]) -> list[dict[str, Any]]:
+def describe(directory: str | Path, environ: Mapping[str, str],
+             warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     registry = load_registry(directory)
+    if warn is not None:  # a name defined twice: say which file is used (SPEC §1)
+        for warning in registry.warnings:
+            warn(warning)
     runtimes = make_runtimes(cache_dir(environ), build_environment(environ))
     return describe_registry(registry, runtimes)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import TOML_NAME, parse_duration, parse_size, read_toml
+from .config import TOML_NAME, parse_duration, parse_size, read_toml, server_table
 from .errors import ConfigError, NotFound
 
 log = logging.getLogger("fnserve.registry")
@@ -179,6 +179,7 @@ def load_settings(
         if key not in ("defaults", "functions", "server"):
             raise ConfigError(f"{path}: [{key}]: unknown table (expected defaults, functions, "
                               f"server)")
+    server_table(directory, document)  # `fnserve list` and `run` reject a bad [server] too
     defaults = parse_settings(document.get("defaults", {}), f"{path}: defaults")
     functions = document.get("functions", {})
     if not isinstance(functions, dict):

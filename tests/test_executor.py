@@ -82,7 +82,8 @@ def test_exit_code_is_kept(fn_dir: Path, executor: Executor) -> None:
 
 
 def test_exit_by_signal(fn_dir: Path, executor: Executor) -> None:
-    fn = python_function(fn_dir, "killed", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+    fn = python_function(fn_dir, "killed",
+                         "import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
     result = executor.run(invocation(fn))
     assert (result.outcome, result.signal, result.exit_code) == ("failed", 15, None)
 

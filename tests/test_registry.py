@@ -71,8 +71,8 @@ def test_entry_and_cwd(populated: Path) -> None:
     "..", ".", "/", "a/b", "../hello", "hello/", "hello/../hello", "_helper", ".hidden",
     "__pycache__", "fnserve", "fnserve.toml", "README", "README.md", "notes", "plain",
     "hello.py", "x" * 65, "hello\0", "\0", "", " hello", "hello ", "bad name",
-    "hеllo",  # Cyrillic е
-    "ｈｅｌｌｏ",  # full-width
+    "h\u0435llo",  # Cyrillic e
+    "\uff48\uff45\uff4c\uff4c\uff4f",  # full-width hello
     "hello\n", "%2e%2e", "HELLO",
 ])
 def test_names_that_are_not_found(populated: Path, name: str) -> None:
