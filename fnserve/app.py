@@ -37,6 +37,7 @@ from .errors import (
     PayloadTooLarge,
     TooManyRequests,
     Unauthorized,
+    Unavailable,
 )
 from .executor import Executor, Invocation, Result, Run
 from .limiter import Limiter
@@ -100,6 +101,9 @@ def create_app(config: Config, registry: Registry | None = None) -> Flask:
     app = Flask("fnserve")
     app.extensions["fnserve"] = state
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # /function//etc/passwd names "/etc/passwd": a 404 like any bad name, not a 308
+    # redirect to another name (set before the routes: each rule copies it when added)
+    app.url_map.merge_slashes = False
     _add_routes(app, state)
     return app
 
@@ -140,8 +144,28 @@ def _read_body(limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _removed(path: Path) -> bool:
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:  # unreadable is not gone: the start fails and says why
+        return False
+    return False
+
+
 def _is_json_type(mimetype: str) -> bool:
     return mimetype == "application/json" or mimetype.endswith("+json")
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _parse_json(data: bytes) -> None:
+    """Raise ValueError unless `data` is JSON (RFC 8259): Python's json takes NaN and
+    Infinity, which JSON.parse and most other parsers refuse."""
+    json.loads(data, parse_constant=_not_json)
 
 
 def _client_gone(sock: socket.socket) -> bool:
@@ -166,7 +190,8 @@ def _wait(run: Run, environ: dict[str, Any]) -> Result:
                 run.cancel()
 
 
-def _error_for(result: Result, config: Config, deadline: float) -> FnServeError | None:
+def _error_for(result: Result, state: State, deadline: float) -> FnServeError | None:
+    config = state.config
     outcome = result.outcome
     if outcome == "ok":
         return None
@@ -177,7 +202,8 @@ def _error_for(result: Result, config: Config, deadline: float) -> FnServeError 
     if outcome == "build_failed":
         return BuildFailed(result.error or "function does not build")
     if outcome == "cancelled":
-        return ClientClosed()
+        # killed by the shutdown, the client is still there and deserves an answer
+        return Unavailable() if state.draining else ClientClosed()
     extra: dict[str, Any] = {}
     if result.signal is not None:
         extra["signal"] = result.signal
@@ -196,7 +222,7 @@ def _success(result: Result) -> Response:
     head = body.lstrip()[:1]
     if head and head in b'{["-0123456789tfn':
         try:
-            json.loads(body)
+            _parse_json(body)
             content_type = "application/json"
         except ValueError:
             pass  # not JSON: plain text, as the SPEC says
@@ -239,7 +265,7 @@ def _add_routes(app: Flask, state: State) -> None:
             event = b"{}"
         elif _is_json_type(request.mimetype):
             try:
-                json.loads(event)
+                _parse_json(event)
             except ValueError:
                 raise InvalidJSON() from None
         deadline = spec.deadline(config.timeout)
@@ -256,7 +282,13 @@ def _add_routes(app: Flask, state: State) -> None:
             g.outcome = "rejected"
             state.stats.rejected(spec.name)
             raise
-        error = _error_for(result, config, deadline)
+        error = _error_for(result, state, deadline)
+        if isinstance(error, FunctionFailed) and _removed(spec.entry):
+            # deleted since this worker scanned DIR (serve rescans only on SIGHUP): say
+            # so, rather than only "exited with status 2" from an interpreter that could
+            # not open its script; the path itself is not the client's business
+            error = FunctionFailed(f"{error} (its file was removed from the functions "
+                                   f"directory)", **error.extra)
         if error is not None:
             raise error
         return _success(result)

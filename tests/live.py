@@ -8,6 +8,8 @@ loopback port, its output in files, its process tree watched with psutil.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import signal
@@ -15,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +192,75 @@ class LiveServer:
     def log_records(self) -> list[dict[str, Any]]:
         """Every stderr line parsed as JSON (raises on a line that is not JSON)."""
         return [json.loads(line) for line in self.stderr().splitlines() if line.strip()]
+
+
+# -- raw HTTP, for what requests would normalise or hide (added for the HTTP suite) -------
+
+
+def raw_request(server: LiveServer, method: str, path: str, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None, timeout: float = 30.0,
+                ) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh connection, the path sent byte for byte (`..` is not resolved).
+
+    Header names in the answer are lower-cased.
+    """
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=dict(headers or {}))
+        response = connection.getresponse()
+        return (response.status, {k.lower(): v for k, v in response.getheaders()},
+                response.read())
+    finally:
+        connection.close()
+
+
+def invocation_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The one-per-invocation log lines among a server's JSON records."""
+    return [r for r in records if r.get("logger") == "fnserve.invocation"]
+
+
+def non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this machine that is not loopback, if it has one."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    return None
+
+
+@contextlib.contextmanager
+def running(server: LiveServer) -> Iterator[LiveServer]:
+    """`with LiveServer(...)`, but the test's idle kept-alive connections are closed before
+    the stop: a stopping gunicorn worker waits ~2 s for a request on each.
+
+    requests leaves a finished response's socket open until the garbage collector takes
+    it (it sits in a reference cycle), hence the collect: drop the responses you keep first.
+    """
+    with server:
+        try:
+            yield server
+        finally:
+            server.session.close()
+            gc.collect()
+
+
+# -- after a fault: is the server still whole? (added for the fault and hostile suites) ----
+
+
+def the_worker(server: LiveServer) -> psutil.Process:
+    """The one gunicorn worker of `fnserve serve` (workers = 1)."""
+    workers = server.workers()
+    assert len(workers) == 1, f"expected one worker, found {workers}"
+    return workers[0]
+
+
+def assert_serving(server: LiveServer, function: str, body: bytes | None = None) -> None:
+    """/healthz answers 200 and `function` (a normal one) answers 200, on fresh connections."""
+    health = requests.get(server.url("/healthz"), timeout=10)
+    assert health.status_code == 200, health.text
+    response = requests.post(server.url(f"/function/{function}"), timeout=30)
+    assert response.status_code == 200, response.text
+    if body is not None:
+        assert response.content == body
