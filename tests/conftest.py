@@ -86,3 +86,30 @@ def executor(runtimes: dict[str, Runtime], stderr_lines: StderrLines) -> Iterato
     pool = Executor(4, runtimes, stderr_sink=stderr_lines)
     yield pool
     pool.shutdown()
+
+
+# -- CI must run the Go tests, never skip them -------------------------------------
+
+_go_tests = {"ran": 0, "skipped": 0}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "go" not in report.keywords:
+        return
+    if report.skipped:
+        _go_tests["skipped"] += 1
+    elif report.when == "call":
+        _go_tests["ran"] += 1
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # .ci/run sets CI: a machine without a Go toolchain must fail there, not pass quietly
+    collected_go = any("go" in item.keywords for item in session.items)
+    if os.environ.get("CI") and collected_go and (_go_tests["skipped"] or not _go_tests["ran"]):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    terminalreporter.write_line(
+        f"go tests: {_go_tests['ran']} ran, {_go_tests['skipped']} skipped"
+        + (" (CI: skipped Go tests fail the run)" if os.environ.get("CI") else ""))
