@@ -4,20 +4,35 @@ Runs in the gunicorn master. Each burst of events (an editor's several writes, a
 `git checkout`) waits for a quiet window and causes one reload. The new registry
 is loaded here first: a broken fnserve.toml is reported and the server keeps its
 last good configuration, since a worker that failed to load would make the master
-exit. Go sources are rebuilt here before the HUP, so a compile error shows in the
-terminal at once (a worker that still sees the old registry rebuilds by hash and
-never runs the old binary either).
+exit.
+
+Go functions are built by each new worker as soon as it boots (build_go_functions),
+so a compile error shows in the terminal at once, not at the first request. Never
+here in the master: a worker forked while the master held a build's flock would
+keep that lock for life (an inherited open file description) and hang the first
+request of that function, and the master's waitpid(-1) takes the exit status of
+any child. A worker that still sees the old registry rebuilds by source hash and
+never runs an old binary either.
+
+Every worker is forked from this process and so shares its inotify instance:
+only the master may stop the observer, since inotify_rm_watch from a worker on
+its way out would remove the master's watches too, and no later save would be
+seen.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any
 
+from gunicorn.arbiter import Arbiter
 from watchdog.events import (
     EVENT_TYPE_ATTRIB,
     EVENT_TYPE_CREATED,
@@ -31,7 +46,9 @@ from watchdog.observers import Observer
 
 from .errors import ConfigError
 from .registry import Registry, load_registry
-from .runtimes import BuildError, make_runtimes
+from .runtimes import BuildError
+
+log = logging.getLogger("fnserve.reloader")
 
 QUIET_WINDOW = 0.15  # seconds without events that end a burst
 # opened / closed_no_write are ignored: the server itself opens fnserve.toml on
@@ -52,8 +69,40 @@ def is_ignored(path: str, root: str) -> bool:
     if any(part in _IGNORED_DIRS or part.startswith(".") for part in parts[:-1]):
         return True
     name = parts[-1]
-    return (name.startswith((".#", ".")) or name.endswith(_IGNORED_SUFFIXES)
-            or name == "4913")  # vim's probe file
+    # the leaf too: creating __pycache__ itself is no change to any function
+    return (name in _IGNORED_DIRS or name.startswith((".#", "."))
+            or name.endswith(_IGNORED_SUFFIXES) or name == "4913")  # vim's probe file
+
+
+class _BackToTheLoop(Exception):
+    pass
+
+
+class DevArbiter(Arbiter):  # type: ignore[misc]
+    """The dev master: back to its signal loop as soon as a reload has started the new worker.
+
+    gunicorn >= 25 waits in reload() for the old workers to exit: with a slow request
+    in flight that is up to graceful_timeout, during which the master handles no
+    signal: neither Ctrl-C nor the HUP of the next save. The old worker drains on its
+    own and ignores the repeated SIGTERM that manage_workers sends it meanwhile, so
+    the wait buys nothing here. reap_workers() is the one call inside that wait.
+    """
+
+    _reloading = False
+
+    def reload(self) -> None:
+        self._reloading = True
+        try:
+            super().reload()
+        except _BackToTheLoop:
+            pass
+        finally:
+            self._reloading = False
+
+    def reap_workers(self) -> None:
+        super().reap_workers()
+        if self._reloading:
+            raise _BackToTheLoop
 
 
 class Reloader(FileSystemEventHandler):
@@ -61,7 +110,7 @@ class Reloader(FileSystemEventHandler):
         self.application = application
         self.arbiter = arbiter
         self.root = str(application.config.functions_dir)
-        self.runtimes = make_runtimes(application.config.cache_dir, application.config.build_env)
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._changed: list[str] = []
         self._only_attrib = True
@@ -79,11 +128,14 @@ class Reloader(FileSystemEventHandler):
         self._say(f"[dev] watching {self.root} for changes")
 
     def stop(self) -> None:
+        if os.getpid() != self._pid:
+            return  # a worker unwinding through the arbiter's code: see the module doc
         self._stopping = True
         self._wake.set()
         self._observer.stop()
         if self._observer.is_alive():
             self._observer.join(timeout=2)
+        self._thread.join(timeout=2)
 
     # -- events -------------------------------------------------------------------
 
@@ -118,7 +170,15 @@ class Reloader(FileSystemEventHandler):
                 changed, self._changed = self._changed, []
                 only_attrib, self._only_attrib = self._only_attrib, True
             if changed and not self._stopping:
-                self._reload(changed, only_attrib)
+                self._guarded(self._reload, changed, only_attrib)
+
+    def _guarded(self, step: Callable[..., None], *args: Any) -> None:
+        # this thread must outlive any one bad reload, or dev mode silently stops reloading
+        try:
+            step(*args)
+        except Exception as exc:
+            if not self._stopping:
+                self._say(f"[reload] error: {type(exc).__name__}: {exc}")
 
     # -- one reload -----------------------------------------------------------------
 
@@ -134,23 +194,43 @@ class Reloader(FileSystemEventHandler):
         self._say(f"[reload] {changed[0]} modified, reloading server...")
         for warning in registry.warnings:
             self._say(f"[reload] warning: {warning}")
-        self._build_go(registry)
+        if self._stopping:
+            return
         self.application.registry = registry
         os.kill(self.arbiter.pid, signal.SIGHUP)
 
-    def _build_go(self, registry: Registry) -> None:
-        go = self.runtimes["go"]
-        for spec in registry:
-            if spec.runtime != "go":
-                continue
-            try:
-                go.command(spec)
-            except BuildError as exc:
-                self._say(f"[reload] {exc}")
-
     def _say(self, message: str) -> None:
-        print(message, flush=True)
+        # one write: the workers log to the same stdout, and print()'s separate write of
+        # the newline (unbuffered, as under PYTHONUNBUFFERED) lets their lines in between
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()
 
 
 def _same_functions(new: Registry, old: Registry) -> bool:
     return dict(new.functions) == dict(old.functions)
+
+
+def build_go_functions(worker: Any, state: Any) -> None:
+    """In a new dev worker: build every Go function now, in the background.
+
+    A compile error is logged (to the terminal) when the worker boots, and the
+    first request finds the binary ready. Stops at the first build after the worker
+    is told to exit; a build in progress then is killed with the worker's others.
+    """
+    go = state.runtimes["go"]
+    specs = [spec for spec in state.registry if spec.runtime == "go"]
+
+    def build_all() -> None:
+        for spec in specs:
+            if not worker.alive:
+                return
+            try:
+                go.command(spec)
+            except BuildError as exc:
+                if worker.alive:
+                    log.error("%s", exc)
+            except Exception:  # a thread of our own: say why, never die silently
+                log.exception("building %s failed", spec.name)
+
+    if specs:
+        threading.Thread(target=build_all, name="fnserve-go-build", daemon=True).start()

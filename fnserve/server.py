@@ -90,6 +90,10 @@ def post_worker_init(worker: Any) -> None:
     signal.signal(signal.SIGTERM, drain)
     if not state.config.dev:
         signal.signal(signal.SIGINT, drain)
+    else:
+        from .reloader import build_go_functions
+
+        build_go_functions(worker, state)
 
 
 def worker_exit(server: Any, worker: Any) -> None:
@@ -130,7 +134,12 @@ class FnServeApplication(BaseApplication):  # type: ignore[misc]
             self.reloader.start()
 
     def run(self) -> None:
-        arbiter = (Arbiter if self.config.dev else _GracefulArbiter)(self)
+        if self.config.dev:
+            from .reloader import DevArbiter
+
+            arbiter = DevArbiter(self)
+        else:
+            arbiter = _GracefulArbiter(self)
         # after the Arbiter exists, so the warning goes through gunicorn's (JSON) logging
         if is_public(self.config.host) and not self.config.api_key:
             log.warning("fnserve listens on %s, reachable from other machines, and no "

@@ -107,9 +107,19 @@ class GoRuntime:
         if self.go is None:
             return NO_TOOLCHAIN
         try:
-            return self._failures.get(self.source_key(spec))
+            key = self.source_key(spec)
         except OSError as exc:
             return f"cannot read sources: {exc}"
+        return self._failures.get(key) or self._recorded_failure(key)
+
+    def _recorded_failure(self, key: str) -> str | None:
+        # another process's build (the worker before a dev reload, `fnserve run`): a
+        # fresh worker lists a function that does not build as an error before anyone
+        # calls it
+        try:
+            return (self.cache_dir / key / "error").read_text(errors="replace") or None
+        except OSError:
+            return None
 
     def command(self, spec: FunctionSpec) -> Command:
         if self.go is None:
@@ -145,12 +155,15 @@ class GoRuntime:
                 fcntl.flock(lock_file, fcntl.LOCK_EX)
                 if binary.exists():  # another process built it while we waited
                     return
+                error_file = binary.parent / "error"
                 try:
                     self._build(spec, binary)
                 except BuildError as exc:
                     if exc.final:
                         self._failures[key] = str(exc)
+                        _write_quietly(error_file, str(exc))
                     raise
+                error_file.unlink(missing_ok=True)
 
     def _build(self, spec: FunctionSpec, binary: Path) -> None:
         assert self.go is not None
@@ -179,14 +192,25 @@ class GoRuntime:
         finally:
             with self._lock:
                 self._builds.discard(proc)
-        if proc.returncode != 0:
+        # a waitpid(-1) elsewhere in the process (gunicorn's master reaps every child it
+        # has) can take the exit status, and subprocess then says 0: only a binary
+        # actually written is a success, or an empty file would be cached as one
+        stolen = proc.returncode == 0 and os.path.getsize(tmp) == 0
+        if proc.returncode != 0 or stolen:
             os.unlink(tmp)
             message = output.decode("utf-8", "replace").strip()[-MAX_BUILD_MESSAGE:]
             raise BuildError(f"go build of {spec.name} failed:\n{message}" if message else
                              f"go build of {spec.name} failed (exit {proc.returncode})",
-                             final=proc.returncode > 0)
+                             final=proc.returncode > 0 or (stolen and bool(message)))
         os.chmod(tmp, 0o755)
         os.replace(tmp, binary)
+
+
+def _write_quietly(path: Path, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError:
+        pass  # only the listing of other processes misses it
 
 
 def _killpg(proc: subprocess.Popen[bytes]) -> None:
