@@ -12,6 +12,9 @@ FNSERVE_PORT, FNSERVE_CONCURRENCY, FNSERVE_TIMEOUT, FNSERVE_API_KEY, ... beat th
 - JSON logs on stderr for gunicorn's own lines and FnServe's (logconfig_dict);
 - hooks: drain on SIGTERM, and kill every function process group when a worker exits;
 - no control socket (gunicorn >= 25.1 would open one at a shared path).
+- gunicorn's own access log is quiet: FnServe's invocation line already carries
+  method, function, status, outcome and duration. To have it too (as JSON):
+      logconfig_dict["loggers"]["gunicorn.access"]["level"] = "INFO"
 Override anything below the import, as in any gunicorn config file.
 """
 

@@ -66,6 +66,20 @@ def test_gunicorn_conf_reads_fnserve_settings(hello_dir: Path) -> None:
         assert too_big.status_code == 413
 
 
+def test_gunicorn_access_lines_are_json_when_turned_on(hello_dir: Path,
+                                                      tmp_path: Path) -> None:
+    # the shipped conf keeps gunicorn's access log quiet (the invocation line is the
+    # access log); a deployment that turns it on gets JSON lines like everything else
+    conf = tmp_path / "access.conf.py"
+    conf.write_text(f"exec(open({str(REPO / 'conf/gunicorn.conf.py')!r}).read())\n"
+                    "logconfig_dict['loggers']['gunicorn.access']['level'] = 'INFO'\n")
+    command = [str(BIN / "gunicorn"), "-c", str(conf), "fnserve.wsgi:app"]
+    with running(LiveServer(hello_dir, command=command)) as server:
+        assert server.get("/stats", headers=CLOSE).status_code == 200
+        access = [r for r in server.log_records() if r["logger"] == "gunicorn.access"]
+        assert any("GET /stats" in r["message"] for r in access), server.stderr()
+
+
 def test_flask_run_serves_a_function(hello_dir: Path) -> None:
     port = free_port()
     command = [str(BIN / "flask"), "--app", "fnserve.wsgi", "run", "--port", str(port)]
