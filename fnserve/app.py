@@ -33,6 +33,7 @@ from .errors import (
     FunctionFailed,
     FunctionTimeout,
     InvalidJSON,
+    MethodNotAllowed,
     OutputTooLarge,
     PayloadTooLarge,
     TooManyRequests,
@@ -251,12 +252,17 @@ def _error_response(error: FnServeError) -> Response:
 def _add_routes(app: Flask, state: State) -> None:
     config = state.config
 
+    # "/function/" too, so an empty name is a 404 with a request id like any bad name
+    @app.route("/function/", defaults={"name": ""}, methods=METHODS,
+               provide_automatic_options=False)
     @app.route("/function/<path:name>", methods=METHODS, provide_automatic_options=False)
     def invoke(name: str) -> Response:
         g.started = time.monotonic()
         g.function = name
         g.request_id = request_id_from(request.headers.get("X-Request-Id"))
         g.tracing = tracing_from(request.headers.get)
+        if request.method == "HEAD":  # Flask adds HEAD to GET routes: never run code for it
+            raise MethodNotAllowed("HEAD does not invoke functions; use GET or POST")
         _check_auth(config)
         spec = state.registry.get(name)
         g.function = spec.name

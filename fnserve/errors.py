@@ -57,6 +57,10 @@ class MethodNotAllowed(FnServeError):
     code = "method_not_allowed"
     message = "method not allowed"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Allow": "GET, POST, PUT, PATCH, DELETE"}
+
 
 class PayloadTooLarge(FnServeError):
     status = 413

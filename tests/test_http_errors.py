@@ -211,13 +211,24 @@ def test_admin_routes_need_the_key_healthz_does_not(errors: Errors) -> None:
     "/function/nope", "/function/..", "/function/%2e%2e", "/function/%2E%2E",
     "/function/%2e%2e%2fecho", "/function/../echo", "/function/a/b", "/function/echo/x",
     "/function/a%00b", "/function/echo%00", "/function/" + "a" * 65, "/function/.echo",
-    "/function/_echo", "/function/fnserve.toml",
+    "/function/_echo", "/function/fnserve.toml", "/function/",
 ], ids=lambda p: p.removeprefix("/function/")[:20])
 def test_unknown_or_invalid_name_is_404(errors: Errors, path: str) -> None:
     # http.client sends the path as is: requests would resolve `..` before sending
     status, headers, content = raw_request(errors.server, "POST", path, body=b"{}", headers=AUTH)
     body = check_error(status, headers, content, 404, "not_found")
     assert "no function" in body["error"]
+
+
+def test_head_does_not_invoke_a_function(errors: Errors) -> None:
+    # Flask answers HEAD on GET routes: a function must not run for a discarded body
+    marker = errors.path("marker")
+    marker.unlink(missing_ok=True)
+    response = requests.head(errors.server.url("/function/marker"), headers=AUTH, timeout=10)
+    assert response.status_code == 405
+    assert response.headers["Allow"] == "GET, POST, PUT, PATCH, DELETE"
+    assert response.headers["X-Request-Id"]
+    assert not marker.exists()
 
 
 # -- 413 ---------------------------------------------------------------------------
