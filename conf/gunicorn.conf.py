@@ -10,7 +10,8 @@ FNSERVE_PORT, FNSERVE_CONCURRENCY, FNSERVE_TIMEOUT, FNSERVE_API_KEY, ... beat th
   concurrency + 16, so the limiter answers 429 instead of gunicorn queueing;
 - timeout / graceful_timeout from FNSERVE_TIMEOUT / FNSERVE_GRACEFUL_TIMEOUT;
 - JSON logs on stderr for gunicorn's own lines and FnServe's (logconfig_dict);
-- hooks: drain on SIGTERM, and kill every function process group when a worker exits;
+- hooks: drain on SIGTERM and SIGINT, warn when listening on a public address
+  without an API key, kill every function process group when a worker exits;
 - no control socket (gunicorn >= 25.1 would open one at a shared path).
 - gunicorn's own access log is quiet: FnServe's invocation line already carries
   method, function, status, outcome and duration. To have it too (as JSON):
@@ -20,8 +21,8 @@ Override anything below the import, as in any gunicorn config file.
 
 import os
 
-from fnserve.config import load_config
-from fnserve.server import gunicorn_settings
+from fnserve.server import conf_settings
 
-_config = load_config(None, {}, os.environ)
-globals().update(gunicorn_settings(_config))
+# read in the master at start and again on each SIGHUP; a fnserve.toml broken
+# meanwhile is logged, and the last good configuration keeps serving
+globals().update(conf_settings(os.environ))

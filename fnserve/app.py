@@ -12,9 +12,11 @@ import functools
 import hmac
 import json
 import logging
+import re
+import select
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from werkzeug.wsgi import get_input_stream
 from .config import Config, format_duration
 from .context import Context, forwarded_env, make_context, request_id_from, tracing_from
 from .errors import (
+    INVOKE_METHODS,
     BuildFailed,
     ClientClosed,
     FnServeError,
@@ -50,9 +53,10 @@ from .stats import Stats, StatsCollector
 
 log = logging.getLogger("fnserve.app")
 
-METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+METHODS = list(INVOKE_METHODS)
 DISCONNECT_POLL = 0.25  # seconds between checks that the client is still there
 DEV_STDERR_TAIL = 4096
+_FIRST_BYTE = re.compile(rb"\s*(\S)")
 _READ_CHUNK = 64 * 1024
 
 
@@ -68,7 +72,6 @@ class State:
     stats: Stats
     metrics: CollectorRegistry
     draining: bool = False
-    started_at: float = field(default_factory=time.time)
 
 
 def get_state(app: Flask) -> State:
@@ -116,7 +119,7 @@ def _check_auth(config: Config) -> None:
     if not config.api_key:
         return
     given = request.headers.get("X-API-Key")
-    if given is None:
+    if not given:  # an empty X-API-Key must not hide a good Bearer token
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else ""
     if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
@@ -169,26 +172,32 @@ def _parse_json(data: bytes) -> None:
     json.loads(data, parse_constant=_not_json)
 
 
+_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
 def _client_gone(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
+    # poll, not recv(MSG_PEEK): it reads nothing, and works on a TLS socket too; a
+    # pipelined next request makes the socket readable, but only a close sets RDHUP
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return any(mask & _GONE for _fd, mask in poller.poll(0))
 
 
 def _wait(run: Run, environ: dict[str, Any]) -> Result:
     """The result; if the client disconnects meanwhile, cancel the run (kills its group)."""
     sock = environ.get("gunicorn.socket")
-    if sock is None:  # flask run, test client: no socket to watch
-        return run.result()
-    while True:
-        try:
-            return run.result(timeout=DISCONNECT_POLL)
-        except TimeoutError:
-            if not run.cancelled and _client_gone(sock):
-                run.cancel()
+    try:
+        if sock is None:  # flask run, test client: no socket to watch
+            return run.result()
+        while True:
+            try:
+                return run.result(timeout=DISCONNECT_POLL)
+            except TimeoutError:
+                if not run.cancelled and _client_gone(sock):
+                    run.cancel()
+    except BaseException:  # never let a function run on after its slot is given back
+        run.cancel()
+        raise
 
 
 def _error_for(result: Result, state: State, deadline: float) -> FnServeError | None:
@@ -220,8 +229,8 @@ def _error_for(result: Result, state: State, deadline: float) -> FnServeError | 
 def _success(result: Result) -> Response:
     body = result.stdout
     content_type = "text/plain; charset=utf-8"
-    head = body.lstrip()[:1]
-    if head and head in b'{["-0123456789tfn':
+    head = _FIRST_BYTE.match(body)  # not body.lstrip(): that copies up to --max-output
+    if head and head.group(1) in b'{["-0123456789tfn':
         try:
             _parse_json(body)
             content_type = "application/json"
@@ -305,7 +314,8 @@ def _add_routes(app: Flask, state: State) -> None:
         state.stats.admitted(spec.name)
         outcome = "internal"
         try:
-            invocation = Invocation(spec, context, event, g.started + deadline,
+            # the deadline runs from admission: reading a slow upload does not use it up
+            invocation = Invocation(spec, context, event, admitted + deadline,
                                     config.base_env, config.max_output)
             result = _wait(state.executor.submit(invocation), request.environ)
             outcome = result.outcome
@@ -334,7 +344,7 @@ def _add_routes(app: Flask, state: State) -> None:
     @app.route("/functions", methods=["GET"])
     def functions() -> Any:
         _check_auth(config)
-        return {"functions": describe_registry(state.registry, state.runtimes)}
+        return {"functions": describe_registry(state.registry, state.runtimes, config.timeout)}
 
     @app.route("/stats", methods=["GET"])
     def stats() -> Any:

@@ -112,6 +112,9 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
                               stderr_sink=echo_stderr)
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGNAL_BASE + 2)
+    except OSError as exc:  # FnServe's own trouble (an unwritable cache): say it in a line
+        click.echo(f"fnserve: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     if result.outcome == "timeout":

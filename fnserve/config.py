@@ -176,9 +176,6 @@ class Config:
     cache_dir: Path = Path(".cache/fnserve")
     build_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
-    def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
-
 
 def read_toml(functions_dir: Path) -> dict[str, Any]:
     """The parsed fnserve.toml of DIR, {} when there is none."""
@@ -190,6 +187,8 @@ def read_toml(functions_dir: Path) -> dict[str, Any]:
         return {}
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+INVOKE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
 
 class FnServeError(Exception):
     status = 500
@@ -59,7 +61,7 @@ class MethodNotAllowed(FnServeError):
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"Allow": "GET, POST, PUT, PATCH, DELETE"}
+        return {"Allow": ", ".join(INVOKE_METHODS)}
 
 
 class PayloadTooLarge(FnServeError):

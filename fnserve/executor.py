@@ -30,7 +30,6 @@ from .context import Context, function_environment
 from .registry import FunctionSpec
 from .runtimes import BuildError, Runtime
 
-OUTCOMES = ("ok", "failed", "timeout", "output_too_large", "build_failed", "cancelled")
 STDERR_TAIL = 64 * 1024
 MAX_STDERR_LINE = 16 * 1024
 READ_CHUNK = 64 * 1024

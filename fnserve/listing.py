@@ -18,15 +18,19 @@ def format_size(size: int) -> str:
     return f"{size}B"
 
 
-def describe_registry(registry: Registry, runtimes: Mapping[str, Runtime]) -> list[dict[str, Any]]:
+def describe_registry(registry: Registry, runtimes: Mapping[str, Runtime],
+                      server_timeout: float | None = None) -> list[dict[str, Any]]:
+    """`server_timeout` given (a server): the timeout that applies, min(own, --timeout).
+    Without it (`fnserve list`): the function's own setting, None when it has none."""
     rows = []
     for spec in registry:
         problem = runtimes[spec.runtime].problem(spec)
         settings = spec.settings
+        timeout = settings.timeout if server_timeout is None else spec.deadline(server_timeout)
         rows.append({
             "name": spec.name,
             "runtime": spec.runtime,
-            "timeout": format_duration(settings.timeout) if settings.timeout else None,
+            "timeout": format_duration(timeout) if timeout else None,
             "memory": format_size(settings.memory) if settings.memory else None,
             "status": "ok" if problem is None else "error",
             "error": problem,

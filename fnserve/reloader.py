@@ -44,6 +44,7 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from .config import read_toml
 from .errors import ConfigError
 from .registry import Registry, load_registry
 from .runtimes import BuildError
@@ -111,6 +112,10 @@ class Reloader(FileSystemEventHandler):
         self.arbiter = arbiter
         self.root = str(application.config.functions_dir)
         self._pid = os.getpid()
+        try:
+            self._server_table = read_toml(application.config.functions_dir).get("server")
+        except ConfigError:  # broken since startup checked it: the next save reports it
+            self._server_table = None
         self._lock = threading.Lock()
         self._changed: list[str] = []
         self._only_attrib = True
@@ -184,7 +189,8 @@ class Reloader(FileSystemEventHandler):
 
     def _reload(self, changed: list[str], only_attrib: bool) -> None:
         try:
-            registry = load_registry(self.root)
+            document = read_toml(self.application.config.functions_dir)
+            registry = load_registry(self.root, document)
         except ConfigError as exc:
             self._say(f"[reload] error: {exc}")
             self._say("[reload] still serving the last good configuration")
@@ -194,6 +200,11 @@ class Reloader(FileSystemEventHandler):
         self._say(f"[reload] {changed[0]} modified, reloading server...")
         for warning in registry.warnings:
             self._say(f"[reload] warning: {warning}")
+        if document.get("server") != self._server_table:
+            # gunicorn's settings (port, threads, ...) are fixed for the life of the master
+            self._server_table = document.get("server")
+            self._say("[reload] note: [server] settings of fnserve.toml take effect at the "
+                      "next start of fnserve dev")
         if self._stopping:
             return
         self.application.registry = registry

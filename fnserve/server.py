@@ -8,11 +8,13 @@ the fork (preload_app=False), so a SIGHUP gives fresh workers a fresh registry.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import math
 import signal
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
@@ -21,7 +23,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.glogging import Logger
 
 from .app import create_app, get_state
-from .config import Config
+from .config import Config, load_config
 from .errors import ConfigError
 from .logs import logging_config
 from .registry import Registry, load_registry
@@ -45,12 +47,15 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "keepalive": 5,
         # gthread's main loop heartbeats while requests run; this only catches a hung worker
         "timeout": int(config.timeout + config.graceful_timeout) + 30,
-        "graceful_timeout": math.ceil(config.graceful_timeout),  # gunicorn takes whole seconds
+        # gunicorn takes whole seconds; one more than ours, so that our own kill at
+        # --graceful-timeout (post_worker_init) comes first and every request is answered
+        "graceful_timeout": math.ceil(config.graceful_timeout) + 1,
         "preload_app": False,
         "control_socket_disable": True,  # gunicorn >= 25.1 would open one at a shared path
         "proc_name": "fnserve",
         "logconfig_dict": logging_config(config.log_format, config.dev),
         "logger_class": QuietAccessLogger,
+        "when_ready": functools.partial(when_ready, config),
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
     }
@@ -73,14 +78,71 @@ def is_public(host: str) -> bool:
         return host not in ("localhost",)
 
 
-def worker_app(config: Config, fallback: Registry) -> Flask:
-    """The app of one worker: a fresh scan, or the last good registry if the scan fails."""
+def when_ready(config: Config, arbiter: Any) -> None:
+    """In the master, for `fnserve serve` and `gunicorn -c conf/gunicorn.conf.py` alike."""
+    if not config.dev:
+        # the SPEC drains on SIGINT as on SIGTERM; gunicorn's own SIGINT is a quick stop.
+        # The arbiter looks its handlers up by name at each signal.
+        arbiter.handle_int = arbiter.handle_term
+    if is_public(config.host) and not config.api_key:
+        log.warning("fnserve listens on %s, reachable from other machines, and no "
+                    "--api-key is set: anyone who can reach port %s can run your "
+                    "functions", config.host, config.port)
+
+
+# The master's last good (config, registry); each worker, forked from it, inherits it.
+_last_good: tuple[Config, Registry] | None = None
+
+
+def remember_last_good(config: Config, registry: Registry) -> None:
+    global _last_good
+    _last_good = (config, registry)
+
+
+def conf_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+    """For conf/gunicorn.conf.py, which gunicorn's master runs at start and on every HUP.
+
+    At start a bad fnserve.toml stops gunicorn; on a HUP it is logged and the last
+    good configuration is kept, since an exception here would end the master.
+    """
+    try:
+        config = load_config(None, {}, environ)
+        remember_last_good(config, load_registry(config.functions_dir))
+    except ConfigError as exc:
+        if _last_good is None:
+            raise
+        log.error("%s (keeping the last good configuration)", exc)
+        config = _last_good[0]
+    return gunicorn_settings(config)
+
+
+def worker_app(config: Config, fallback: Registry | None) -> Flask:
+    """The app of one worker: a fresh scan, or the last good registry if the scan fails.
+
+    A worker that cannot load makes the gunicorn master exit: a broken fnserve.toml
+    saved while the server runs must not take it down at the next worker start.
+    """
     try:
         registry = load_registry(config.functions_dir)
     except ConfigError as exc:
+        if fallback is None:
+            raise
         log.error("%s (keeping the last good configuration)", exc)
         registry = fallback
     return create_app(config, registry)
+
+
+def wsgi_app(environ: Mapping[str, str]) -> Flask:
+    """`fnserve.wsgi:app`: the config from FNSERVE_*; the last good one if it went bad."""
+    try:
+        config = load_config(None, {}, environ)
+    except ConfigError as exc:
+        if _last_good is None:
+            raise
+        log.error("%s (keeping the last good configuration)", exc)
+        config, registry = _last_good
+        return create_app(config, registry)
+    return worker_app(config, _last_good[1] if _last_good else None)
 
 
 def post_worker_init(worker: Any) -> None:
@@ -91,10 +153,9 @@ def post_worker_init(worker: Any) -> None:
     def drain(signum: int, frame: Any) -> None:
         if not state.draining:
             state.draining = True
-            # the arbiter SIGKILLs us at graceful_timeout: kill the functions first, so
-            # their requests get an answer and no process group outlives the worker
-            grace = max(state.config.graceful_timeout - 1.0, 0.5)
-            timer = threading.Timer(grace, state.executor.kill_all)
+            # the arbiter SIGKILLs us a second after --graceful-timeout: kill the
+            # functions first, so their requests get an answer and no group outlives us
+            timer = threading.Timer(state.config.graceful_timeout, state.executor.kill_all)
             timer.daemon = True
             timer.start()
         stop_gracefully(signum, frame)
@@ -115,13 +176,6 @@ def worker_exit(server: Any, worker: Any) -> None:
         get_state(app).executor.shutdown()
 
 
-class _GracefulArbiter(Arbiter):  # type: ignore[misc]
-    """Serve mode: SIGINT drains like SIGTERM (the SPEC treats them alike)."""
-
-    def handle_int(self) -> None:
-        self.handle_term()
-
-
 class FnServeApplication(BaseApplication):  # type: ignore[misc]
     def __init__(self, config: Config, registry: Registry) -> None:
         self.config = config
@@ -135,15 +189,16 @@ class FnServeApplication(BaseApplication):  # type: ignore[misc]
         if self.config.dev:
             self.cfg.set("when_ready", self._start_reloader)
 
-    def load(self) -> Flask:
-        return worker_app(self.config, self.registry)
-
     def _start_reloader(self, arbiter: Any) -> None:
+        when_ready(self.config, arbiter)
         if self.reloader is None:
             from .reloader import Reloader
 
             self.reloader = Reloader(self, arbiter)
             self.reloader.start()
+
+    def load(self) -> Flask:
+        return worker_app(self.config, self.registry)
 
     def run(self) -> None:
         if self.config.dev:
@@ -151,12 +206,7 @@ class FnServeApplication(BaseApplication):  # type: ignore[misc]
 
             arbiter = DevArbiter(self)
         else:
-            arbiter = _GracefulArbiter(self)
-        # after the Arbiter exists, so the warning goes through gunicorn's (JSON) logging
-        if is_public(self.config.host) and not self.config.api_key:
-            log.warning("fnserve listens on %s, reachable from other machines, and no "
-                        "--api-key is set: anyone who can reach port %s can run your "
-                        "functions", self.config.host, self.config.port)
+            arbiter = Arbiter(self)
         try:
             arbiter.run()
         finally:

@@ -20,9 +20,6 @@ from prometheus_client.registry import Collector
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
            float("inf"))
-FAILED_OUTCOMES = frozenset({"failed", "timeout", "output_too_large", "build_failed",
-                             "cancelled", "internal"})
-
 
 @dataclass
 class Counters:

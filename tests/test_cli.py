@@ -114,6 +114,19 @@ def test_run_build_failure_is_1(fn_dir: Path, env: dict[str, str]) -> None:
 
 
 @pytest.mark.go
+def test_run_with_an_unwritable_cache_is_one_line_not_a_traceback(
+        fn_dir: Path, env: dict[str, str], tmp_path: Path) -> None:
+    write_function(fn_dir, "ok.go", "package main\n\nfunc main() {}\n")
+    not_a_directory = tmp_path / "cache-file"
+    not_a_directory.write_text("")
+    done = run("ok", "--dir", str(fn_dir), env={**env, "XDG_CACHE_HOME": str(not_a_directory)})
+    assert done.returncode == 1
+    stderr = done.stderr.decode()
+    assert stderr.startswith("fnserve: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.go
 def test_run_go_sample(env: dict[str, str]) -> None:
     done = run("wordcount", "--dir", str(SAMPLES), "--data", '{"text": "a b c d"}', env=env)
     assert done.returncode == 0, done.stderr

@@ -120,6 +120,16 @@ def test_bad_toml_on_the_command_line(hello_dir: Path, shape: str, command: list
     assert done.stdout == b""
 
 
+def test_a_toml_that_is_not_utf8_is_a_config_error(hello_dir: Path) -> None:
+    (hello_dir / "fnserve.toml").write_bytes(b"[defaults]\ntimeout = '\xff'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_registry(hello_dir)
+    assert "fnserve.toml" in str(caught.value) and "not UTF-8" in str(caught.value)
+    done = fnserve_cli("list", str(hello_dir), env=os.environ, timeout=20)
+    assert done.returncode == 2
+    assert done.stderr.decode().startswith("Error: ") and done.stderr.count(b"\n") == 1
+
+
 def test_a_good_toml(hello_dir: Path) -> None:
     write_toml(hello_dir, """
         [defaults]

@@ -5,6 +5,7 @@ where settings come from: flag > FNSERVE_* > [server] of fnserve.toml > default.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -78,6 +79,34 @@ def test_gunicorn_access_lines_are_json_when_turned_on(hello_dir: Path,
         assert server.get("/stats", headers=CLOSE).status_code == 200
         access = [r for r in server.log_records() if r["logger"] == "gunicorn.access"]
         assert any("GET /stats" in r["message"] for r in access), server.stderr()
+
+
+def test_gunicorn_conf_warns_on_a_public_address_without_a_key(hello_dir: Path) -> None:
+    command = [str(BIN / "gunicorn"), "-c", "conf/gunicorn.conf.py", "fnserve.wsgi:app"]
+    env = {**os.environ, "FNSERVE_HOST": "0.0.0.0"}
+    with running(LiveServer(hello_dir, command=command, env=env)) as server:
+        warnings = [r for r in server.log_records()
+                    if r["level"] == "WARNING" and "--api-key" in r["message"]]
+        assert len(warnings) == 1, server.stderr()
+
+
+def test_gunicorn_conf_keeps_the_last_good_toml_when_a_worker_restarts(hello_dir: Path) -> None:
+    # a worker that cannot load its app makes the gunicorn master exit: a toml broken
+    # while the server runs must not take it down at the next HUP (or worker crash)
+    command = [str(BIN / "gunicorn"), "-c", "conf/gunicorn.conf.py", "fnserve.wsgi:app"]
+    with running(LiveServer(hello_dir, command=command)) as server:
+        assert server.proc is not None
+        old_workers = {p.pid for p in server.workers()}
+        write_toml(hello_dir, "[functions.hello]\ntimeout = 'soon'\n")
+        server.proc.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: (new := {p.pid for p in server.workers()}) and
+                          not new & old_workers, 20), server.stderr()
+        response = server.post("/function/hello", json={"name": "Ada"}, headers=CLOSE)
+        assert response.status_code == 200
+        assert response.json()["hello"] == "Ada"
+        assert server.proc.poll() is None
+        assert any("timeout" in r["message"] and "last good" in r["message"]
+                   for r in server.log_records()), server.stderr()
 
 
 def test_flask_run_serves_a_function(hello_dir: Path) -> None:

@@ -190,6 +190,12 @@ def test_right_key_is_accepted(errors: Errors, headers: dict[str, str]) -> None:
     assert response.json()["len"] == 2  # the empty body went in as {}
 
 
+def test_an_empty_x_api_key_does_not_hide_a_good_bearer_token(errors: Errors) -> None:
+    headers = {"X-API-Key": "", "Authorization": f"Bearer {KEY}"}
+    response = requests.post(errors.server.url("/function/echo"), headers=headers, timeout=30)
+    assert response.status_code == 200, response.text
+
+
 def test_admin_routes_need_the_key_healthz_does_not(errors: Errors) -> None:
     assert requests.get(errors.server.url("/healthz"), timeout=10).json() == {"status": "ok"}
     for path in ("/functions", "/stats", "/metrics"):

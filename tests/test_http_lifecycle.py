@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -55,11 +56,17 @@ def _healthz(connection: http.client.HTTPConnection) -> tuple[int, dict[str, Any
     return response.status, json.loads(response.read())
 
 
+GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "conf/gunicorn.conf.py",
+            "fnserve.wsgi:app"]
+
+
+@pytest.mark.parametrize("entry", ["fnserve-serve", "gunicorn-conf"])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_drains_in_flight_requests(tmp_path: Path, signum: int) -> None:
+def test_signal_drains_in_flight_requests(tmp_path: Path, signum: int, entry: str) -> None:
     directory, state = tmp_path / "functions", tmp_path
     _held(directory, state)
-    server = LiveServer(directory).start()
+    command = GUNICORN if entry == "gunicorn-conf" else None
+    server = LiveServer(directory, command=command).start()
     try:
         assert server.proc is not None
         # a kept-alive connection, open before the signal

@@ -166,9 +166,18 @@ class GoRuntime:
                 error_file.unlink(missing_ok=True)
 
     def _build(self, spec: FunctionSpec, binary: Path) -> None:
-        assert self.go is not None
         fd, tmp = tempfile.mkstemp(prefix=".build-", dir=binary.parent)
         os.close(fd)
+        try:
+            self._build_into(spec, tmp)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, binary)
+
+    def _build_into(self, spec: FunctionSpec, tmp: str) -> None:
+        assert self.go is not None
         package = spec.package_dir
         if package is not None and (package / "go.mod").exists():
             targets = ["."]
@@ -189,6 +198,10 @@ class GoRuntime:
             _killpg(proc)
             proc.communicate()
             output = f"go build took longer than {BUILD_TIMEOUT:g}s".encode()
+        except BaseException:  # Ctrl-C in `fnserve run`: the build has its own session
+            _killpg(proc)
+            proc.wait()
+            raise
         finally:
             with self._lock:
                 self._builds.discard(proc)
@@ -197,13 +210,10 @@ class GoRuntime:
         # actually written is a success, or an empty file would be cached as one
         stolen = proc.returncode == 0 and os.path.getsize(tmp) == 0
         if proc.returncode != 0 or stolen:
-            os.unlink(tmp)
             message = output.decode("utf-8", "replace").strip()[-MAX_BUILD_MESSAGE:]
             raise BuildError(f"go build of {spec.name} failed:\n{message}" if message else
                              f"go build of {spec.name} failed (exit {proc.returncode})",
                              final=proc.returncode > 0 or (stolen and bool(message)))
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, binary)
 
 
 def _write_quietly(path: Path, text: str) -> None:
