@@ -77,8 +77,10 @@ def test_gunicorn_access_lines_are_json_when_turned_on(hello_dir: Path,
     command = [str(BIN / "gunicorn"), "-c", str(conf), "fnserve.wsgi:app"]
     with running(LiveServer(hello_dir, command=command)) as server:
         assert server.get("/stats", headers=CLOSE).status_code == 200
-        access = [r for r in server.log_records() if r["logger"] == "gunicorn.access"]
-        assert any("GET /stats" in r["message"] for r in access), server.stderr()
+        # gunicorn writes the access line after the response has gone out: poll for it
+        assert wait_until(lambda: any(
+            r["logger"] == "gunicorn.access" and "GET /stats" in r["message"]
+            for r in server.log_records()), 10), server.stderr()
 
 
 def test_gunicorn_conf_warns_on_a_public_address_without_a_key(hello_dir: Path) -> None:
