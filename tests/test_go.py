@@ -5,6 +5,7 @@ Never skipped: CI installs the `go` extra, and a missing toolchain must fail the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import threading
 from pathlib import Path
@@ -14,8 +15,8 @@ import pytest
 from fnserve.config import build_environment, cache_dir
 from fnserve.executor import Executor
 from fnserve.registry import FunctionSpec, load_registry
-from fnserve.runtimes import Runtime
-from fnserve.runtimes.go import NO_TOOLCHAIN, GoRuntime
+from fnserve.runtimes import BuildError, Runtime
+from fnserve.runtimes.go import NO_TOOLCHAIN, GoRuntime, _lock_within
 
 from .helpers import invocation, write_function, write_toml
 
@@ -265,3 +266,14 @@ def test_sample_wordcount(executor: Executor) -> None:
     fn = spec(samples, "wordcount")
     out = json.loads(run_ok(executor, fn, b'{"text": "one two three"}'))
     assert out["words"] == 3
+
+
+def test_a_cache_lock_held_elsewhere_is_waited_for_only_so_long(tmp_path: Path) -> None:
+    # a build stuck in another process must not hang a request forever
+    path = tmp_path / "lock"
+    with path.open("w") as holder, path.open("w") as waiter:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(BuildError, match="held the cache lock"):
+            _lock_within(waiter, 0.2, "fn")
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        _lock_within(waiter, 0.2, "fn")  # free again: taken at once

@@ -18,8 +18,10 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 from ..registry import FunctionSpec
 from . import BuildError, Command
@@ -152,7 +154,7 @@ class GoRuntime:
                 return
             binary.parent.mkdir(parents=True, exist_ok=True)
             with open(binary.parent / "lock", "w") as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                _lock_within(lock_file, BUILD_TIMEOUT, spec.name)
                 if binary.exists():  # another process built it while we waited
                     return
                 error_file = binary.parent / "error"
@@ -214,6 +216,21 @@ class GoRuntime:
             raise BuildError(f"go build of {spec.name} failed:\n{message}" if message else
                              f"go build of {spec.name} failed (exit {proc.returncode})",
                              final=proc.returncode > 0 or (stolen and bool(message)))
+
+
+def _lock_within(lock_file: IO[str], seconds: float, name: str) -> None:
+    """flock, but never forever: a process holding it (a stuck build elsewhere) must
+    not hang this request past the build limit."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise BuildError(f"go build of {name}: another build held the cache lock "
+                                 f"for {seconds:g}s") from None
+            time.sleep(0.02)
 
 
 def _write_quietly(path: Path, text: str) -> None:
