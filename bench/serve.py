@@ -220,6 +220,20 @@ def _kill_and_reap_everything() -> None:
             time.sleep(0.02)
 
 
+def _run_clients(name: str, loop: Any, concurrency: int, start: float,
+                 latencies: list[list[float]], errors: list[int], how: str) -> Load:
+    """Run `loop(i)` in `concurrency` threads until STOP, then pool their samples."""
+    STOP.clear()
+    threads = [threading.Thread(target=loop, args=(i,), name=f"{name}-{i}")
+               for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    _join(threads)
+    elapsed = time.perf_counter() - start
+    return Load.from_samples(name, [x for part in latencies for x in part], elapsed,
+                             sum(errors), how)
+
+
 def _join(threads: Sequence[threading.Thread]) -> None:
     """Join, but let Ctrl-C through (a bare join() would block it), then stop them."""
     try:
@@ -271,15 +285,7 @@ def floor(name: str, argv: list[str], cwd: Path, concurrency: int, duration: flo
             if proc.returncode != 0:
                 errors[index] += 1
 
-    STOP.clear()
-    threads = [threading.Thread(target=loop, args=(i,), name=f"floor-{i}")
-               for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    _join(threads)
-    elapsed = time.perf_counter() - start
-    return Load.from_samples(name, [x for part in latencies for x in part], elapsed,
-                             sum(errors), "subprocess.run")
+    return _run_clients(name, loop, concurrency, start, latencies, errors, "subprocess.run")
 
 
 # -- load generators ------------------------------------------------------------------------
@@ -351,15 +357,8 @@ def python_load(name: str, port: int, path: str, concurrency: int, duration: flo
         finally:
             conn.close()
 
-    STOP.clear()
-    threads = [threading.Thread(target=loop, args=(i,), name=f"client-{i}")
-               for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    _join(threads)
-    elapsed = time.perf_counter() - start
-    return Load.from_samples(name, [x for part in latencies for x in part], elapsed,
-                             sum(errors), f"python http.client x{concurrency}")
+    return _run_clients(name, loop, concurrency, start, latencies, errors,
+                        f"python http.client x{concurrency}")
 
 
 # -- memory with requests in flight ----------------------------------------------------------
