@@ -106,6 +106,10 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
     def echo_stderr(_invocation: object, line: str) -> None:
         click.echo(line, err=True)
 
+    from .reaper import REAPER
+
+    # a process the function started and that left its group is killed when we are done
+    REAPER.start(background=False)
     try:
         result = run_function(spec, event, parameters=_pairs(param, "--param"),
                               env=_pairs(env, "--env"), timeout=seconds,
@@ -115,6 +119,8 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
     except OSError as exc:  # FnServe's own trouble (an unwritable cache): say it in a line
         click.echo(f"fnserve: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+    finally:
+        REAPER.stop()
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     if result.outcome == "timeout":

@@ -9,7 +9,9 @@ stdin, stdout, stderr, the process's pidfd and a cancel eventfd with poll(), so:
   grandchild that still holds the pipes cannot keep the request open;
 - when the main process exits, whatever it left running in its group is killed.
 A grandchild that calls setsid() leaves the group and cannot be reached by a
-group kill; its pipes are closed on it after EXIT_GRACE.
+group kill; its pipes are closed on it after EXIT_GRACE, and in a process that
+is a subreaper (the server's worker, `fnserve run`) reaper.py kills and reaps it
+once the invocation has ended.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .context import Context, function_environment
+from .reaper import REAPER
 from .registry import FunctionSpec
 from .runtimes import BuildError, Runtime
 
@@ -165,6 +168,8 @@ class Executor:
     def shutdown(self) -> None:
         self.kill_all()
         self._pool.shutdown(wait=True, cancel_futures=False)
+        if REAPER.started:  # every invocation has ended: whatever escaped goes too
+            REAPER.kill_all_orphans()
 
     # -- one invocation ---------------------------------------------------------
 
@@ -186,6 +191,16 @@ class Executor:
             self._forget(run)
 
     def _execute(self, run: Run) -> Result:
+        # escaped descendants of this invocation are left alone while it runs, and
+        # killed by the reaper (when the process is a subreaper) once it has ended
+        request_id = run.invocation.context.request_id
+        REAPER.invocation_started(request_id)
+        try:
+            return self._execute_started(run)
+        finally:
+            REAPER.invocation_ended(request_id)
+
+    def _execute_started(self, run: Run) -> Result:
         invocation = run.invocation
         spec = invocation.spec
         if run.cancelled:
@@ -207,11 +222,14 @@ class Executor:
         argv = self._with_memory_limit(command.argv, spec.settings.memory)
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(
-                argv, cwd=command.cwd, env=function_environment(context, invocation.base_env),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
+            with REAPER.spawning():
+                proc = subprocess.Popen(
+                    argv, cwd=command.cwd,
+                    env=function_environment(context, invocation.base_env),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    start_new_session=True,
+                )
+                REAPER.adopt(proc.pid)
         except OSError as exc:
             code = 127 if exc.errno == errno.ENOENT else 126
             return Result("failed", context, exit_code=code,
@@ -222,8 +240,10 @@ class Executor:
         except BaseException:  # Ctrl-C in `fnserve run`, or a bug: never leave it running
             _killpg(proc.pid)
             proc.wait()
+            REAPER.release(proc.pid)
             raise
         returncode = proc.wait()
+        REAPER.release(proc.pid)
         duration = time.monotonic() - started
         stderr.close()
         if outcome is None:

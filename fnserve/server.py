@@ -26,6 +26,7 @@ from .app import create_app, get_state
 from .config import Config, load_config
 from .errors import ConfigError
 from .logs import logging_config
+from .reaper import REAPER
 from .registry import Registry, load_registry
 
 log = logging.getLogger("fnserve.server")
@@ -161,6 +162,8 @@ def post_worker_init(worker: Any) -> None:
         stop_gracefully(signum, frame)
 
     signal.signal(signal.SIGTERM, drain)
+    # descendants that escape their function's process group come back to this worker
+    REAPER.start()
     if not state.config.dev:
         signal.signal(signal.SIGINT, drain)
     else:
@@ -170,10 +173,12 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """Whatever way the worker ends, the process groups of its functions end with it."""
+    """Whatever way the worker ends, the process groups of its functions end with it,
+    and so does every process that escaped them (reaper.py)."""
     app = getattr(worker, "wsgi", None)
     if isinstance(app, Flask) and "fnserve" in app.extensions:
         get_state(app).executor.shutdown()
+    REAPER.stop()  # and the processes that escaped them
 
 
 class FnServeApplication(BaseApplication):  # type: ignore[misc]

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from ..reaper import REAPER
 from ..registry import FunctionSpec
 from . import BuildError, Command
 
@@ -189,9 +190,11 @@ class GoRuntime:
         else:
             targets = [spec.entry.name]
         argv = [self.go, "build", "-o", tmp, *targets]
-        proc = subprocess.Popen(argv, cwd=package or spec.entry.parent, env=self.env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        with REAPER.spawning():  # a child we wait for: never an orphan to the reaper
+            proc = subprocess.Popen(argv, cwd=package or spec.entry.parent, env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            REAPER.adopt(proc.pid)
         with self._lock:
             self._builds.add(proc)
         try:
@@ -207,6 +210,8 @@ class GoRuntime:
         finally:
             with self._lock:
                 self._builds.discard(proc)
+            if proc.returncode is not None:
+                REAPER.release(proc.pid)
         # a waitpid(-1) elsewhere in the process (gunicorn's master reaps every child it
         # has) can take the exit status, and subprocess then says 0: only a binary
         # actually written is a success, or an empty file would be cached as one
