@@ -32,7 +32,7 @@ from typing import Any
 from .context import Context, function_environment
 from .reaper import REAPER
 from .registry import FunctionSpec
-from .runtimes import BuildError, Runtime
+from .runtimes import RUN_CANCELLED, BuildCancelled, BuildError, Runtime
 
 STDERR_TAIL = 64 * 1024
 MAX_STDERR_LINE = 16 * 1024
@@ -90,10 +90,12 @@ class Run:
         self._lock = threading.Lock()
         self._cancelled = False
         self._wake_fd = -1
+        self.cancel_event = threading.Event()  # ends a wait for a build (runtimes/go.py)
 
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True
+            self.cancel_event.set()
             if self._wake_fd >= 0:
                 os.eventfd_write(self._wake_fd, 1)
 
@@ -213,10 +215,15 @@ class Executor:
         if run.cancelled:
             return Result("cancelled", invocation.context)
         build_started = time.monotonic()
+        token = RUN_CANCELLED.set(run.cancel_event)
         try:
             command = self.runtimes[spec.runtime].command(spec)
+        except BuildCancelled:
+            return Result("cancelled", invocation.context)
         except BuildError as exc:
             return Result("build_failed", invocation.context, error=str(exc))
+        finally:
+            RUN_CANCELLED.reset(token)
         # a build is FnServe's work, not the function's: it does not use up its deadline
         now = time.monotonic()
         deadline = invocation.deadline_at + (now - build_started)

@@ -7,7 +7,9 @@ process from there. A new execution mode is a new module here plus a line in
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +27,17 @@ class BuildError(Exception):
     def __init__(self, message: str, final: bool = False) -> None:
         super().__init__(message)
         self.final = final
+
+
+class BuildCancelled(BuildError):
+    """A wait for a build (another's lock) ended: the run was cancelled or the server stops."""
+
+
+# The cancel event of the run whose command() is being made, set by the executor in its
+# own thread: a runtime that waits (for another build's lock) stops waiting when it is
+# set. A context variable, so the Runtime protocol keeps its one-argument command().
+RUN_CANCELLED: ContextVar[threading.Event | None] = ContextVar("fnserve_run_cancelled",
+                                                               default=None)
 
 
 @dataclass(frozen=True)

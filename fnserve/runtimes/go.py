@@ -5,6 +5,12 @@ before any request can run the old binary. Builds of one key are serialised by a
 thread lock (one process) and an flock (several workers, `fnserve run`), so
 concurrent first calls build once. The binary is renamed into place, so a reader
 never sees a half-written file.
+
+Waiting for another build's lock ends when the waiting run is cancelled (its
+client left) or the server stops (kill_all): never a wait that holds up a
+shutdown. What is remembered is bounded: source hashes and failures in small LRU
+tables, a key's lock only while someone uses it, and on disk the newest
+KEEP_BUILDS builds of each function (older ones are removed after a build).
 """
 
 from __future__ import annotations
@@ -13,23 +19,33 @@ import fcntl
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Generic, TypeVar
 
 from ..reaper import REAPER
 from ..registry import FunctionSpec
-from . import BuildError, Command
+from . import RUN_CANCELLED, BuildCancelled, BuildError, Command
 
 BUILD_TIMEOUT = 300.0
 MAX_BUILD_MESSAGE = 16 * 1024
 NO_TOOLCHAIN = "no Go toolchain: install Go or `pip install 'fnserve[go]'`"
+KEEP_BUILDS = 3  # newest builds kept on disk per function (another worker may run an older one)
+MAX_HASHES = 4096  # remembered source signatures -> keys
+MAX_FAILURES = 1024  # remembered compile errors
+LOCK_POLL = 0.02  # seconds between looks at a lock held by another build
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def find_go(path: str | None) -> str | None:
@@ -57,10 +73,11 @@ class GoRuntime:
             self.env.setdefault("GOPATH", str(cache_dir / "gopath"))
         self._toolchain_id = self._identify_toolchain()
         self._lock = threading.Lock()
-        self._key_locks: dict[str, threading.Lock] = {}
-        self._hashes: dict[tuple[object, ...], str] = {}
-        self._failures: dict[str, str] = {}
+        self._key_locks: dict[str, _KeyLock] = {}
+        self._hashes: _Bounded[tuple[object, ...], str] = _Bounded(MAX_HASHES)
+        self._failures: _Bounded[str, str] = _Bounded(MAX_FAILURES)
         self._builds: set[subprocess.Popen[bytes]] = set()
+        self._stopping = threading.Event()
 
     def _identify_toolchain(self) -> str:
         if self.go is None:
@@ -98,7 +115,7 @@ class GoRuntime:
                 digest.update(path.relative_to(base).as_posix().encode() + b"\0")
                 digest.update(path.read_bytes() + b"\0")
             key = f"{spec.name}-{digest.hexdigest()[:24]}"
-            self._hashes[memo_key] = key
+            self._hashes.put(memo_key, key)
         return key
 
     def binary_path(self, key: str) -> Path:
@@ -137,6 +154,7 @@ class GoRuntime:
         return Command((str(binary),), spec.cwd)
 
     def kill_all(self) -> None:
+        self._stopping.set()  # every wait for a lock ends, and no new build starts
         with self._lock:
             builds = list(self._builds)
         for proc in builds:
@@ -145,28 +163,73 @@ class GoRuntime:
     # -- building ---------------------------------------------------------------
 
     def _build_once(self, spec: FunctionSpec, key: str, binary: Path) -> None:
-        with self._lock:
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
-            failure = self._failures.get(key)
-            if failure is not None:
-                raise BuildError(failure)
-            if binary.exists():
+        stopped = self._stopped_or_cancelled()
+        with self._key_lock(key) as key_lock:
+            _acquire_until(lambda: key_lock.acquire(timeout=LOCK_POLL), stopped,
+                           BUILD_TIMEOUT, spec.name)
+            try:
+                self._build_locked(spec, key, binary, stopped)
+            finally:
+                key_lock.release()
+
+    def _build_locked(self, spec: FunctionSpec, key: str, binary: Path,
+                      stopped: Callable[[], bool]) -> None:
+        failure = self._failures.get(key)
+        if failure is not None:
+            raise BuildError(failure)
+        if binary.exists():
+            return
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        with open(binary.parent / "lock", "w") as lock_file:
+            _lock_within(lock_file, BUILD_TIMEOUT, spec.name, stopped)
+            if binary.exists():  # another process built it while we waited
                 return
-            binary.parent.mkdir(parents=True, exist_ok=True)
-            with open(binary.parent / "lock", "w") as lock_file:
-                _lock_within(lock_file, BUILD_TIMEOUT, spec.name)
-                if binary.exists():  # another process built it while we waited
-                    return
-                error_file = binary.parent / "error"
+            if self._stopping.is_set():
+                raise BuildCancelled(f"go build of {spec.name}: the server is stopping")
+            error_file = binary.parent / "error"
+            try:
+                self._build(spec, binary)
+            except BuildError as exc:
+                if exc.final:
+                    self._failures.put(key, str(exc))
+                    _write_quietly(error_file, str(exc))
+                raise
+            error_file.unlink(missing_ok=True)
+        self._evict_older_builds(spec.name, key)
+
+    def _stopped_or_cancelled(self) -> Callable[[], bool]:
+        cancelled = RUN_CANCELLED.get()  # the calling run's; None outside a run (dev's prebuild)
+        if cancelled is None:
+            return self._stopping.is_set
+        return lambda: self._stopping.is_set() or cancelled.is_set()
+
+    @contextmanager
+    def _key_lock(self, key: str) -> Iterator[threading.Lock]:
+        """The thread lock of one key, kept only while someone builds or waits for it."""
+        with self._lock:
+            entry = self._key_locks.setdefault(key, _KeyLock())
+            entry.users += 1
+        try:
+            yield entry.lock
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._key_locks[key]
+
+    def _evict_older_builds(self, name: str, current: str) -> None:
+        """Keep the newest KEEP_BUILDS builds of `name`; one being built (locked) stays."""
+        pattern = re.compile(re.escape(name) + r"-[0-9a-f]{24}")
+        builds = []
+        for entry in os.scandir(self.cache_dir):
+            if entry.name != current and pattern.fullmatch(entry.name) and entry.is_dir():
                 try:
-                    self._build(spec, binary)
-                except BuildError as exc:
-                    if exc.final:
-                        self._failures[key] = str(exc)
-                        _write_quietly(error_file, str(exc))
-                    raise
-                error_file.unlink(missing_ok=True)
+                    builds.append((entry.stat().st_mtime_ns, Path(entry.path)))
+                except OSError:
+                    continue  # removed meanwhile by another process
+        builds.sort(reverse=True)
+        for _mtime, directory in builds[KEEP_BUILDS - 1:]:
+            _remove_unless_locked(directory)
 
     def _build(self, spec: FunctionSpec, binary: Path) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".build-", dir=binary.parent)
@@ -223,19 +286,43 @@ class GoRuntime:
                              final=proc.returncode > 0 or (stolen and bool(message)))
 
 
-def _lock_within(lock_file: IO[str], seconds: float, name: str) -> None:
+def _never() -> bool:
+    return False
+
+
+def _lock_within(lock_file: IO[str], seconds: float, name: str,
+                 stopped: Callable[[], bool] = _never) -> None:
     """flock, but never forever: a process holding it (a stuck build elsewhere) must
-    not hang this request past the build limit."""
-    deadline = time.monotonic() + seconds
-    while True:
+    not hang this request past the build limit, nor a cancel or a shutdown at all."""
+
+    def try_lock() -> bool:
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            return True
         except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise BuildError(f"go build of {name}: another build held the cache lock "
-                                 f"for {seconds:g}s") from None
-            time.sleep(0.02)
+            return False
+    def try_lock_or_pause() -> bool:
+        if try_lock():
+            return True
+        time.sleep(LOCK_POLL)
+        return False
+
+    _acquire_until(try_lock_or_pause, stopped, seconds, name, what="the cache lock")
+
+
+def _acquire_until(attempt: Callable[[], bool], stopped: Callable[[], bool],
+                   seconds: float, name: str, what: str = "the build lock") -> None:
+    """Call attempt() (which waits up to LOCK_POLL) until it succeeds, the run is
+    cancelled or the server stops (BuildCancelled), or `seconds` pass (BuildError)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if stopped():
+            raise BuildCancelled(f"go build of {name}: stopped waiting for {what}")
+        if attempt():
+            return
+        if time.monotonic() >= deadline:
+            raise BuildError(f"go build of {name}: another build held {what} "
+                             f"for {seconds:g}s")
 
 
 def _write_quietly(path: Path, text: str) -> None:
@@ -251,3 +338,47 @@ def _killpg(proc: subprocess.Popen[bytes]) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             return
+
+
+def _remove_unless_locked(directory: Path) -> None:
+    try:
+        with open(directory / "lock", "a") as lock_file:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # being built, or waited for, by another process
+            shutil.rmtree(directory, ignore_errors=True)
+    except OSError:
+        return  # removed meanwhile, or never had a lock file: the next build retries
+
+
+class _KeyLock:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+
+
+class _Bounded(Generic[K, V]):
+    """A thread-safe table that forgets its least recently used entries past `limit`."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.limit:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
