@@ -36,6 +36,7 @@ from .errors import (
     Unauthorized,
 )
 from .executor import Result, Run
+from .gunicorn_internals import client_socket
 from .listing import describe_registry
 from .outcome import Outcome, from_error, parse_json
 from .registry import Registry
@@ -120,7 +121,7 @@ def _client_gone(sock: socket.socket) -> bool:
 
 def _wait(run: Run, environ: dict[str, Any]) -> Result:
     """The result; if the client disconnects meanwhile, cancel the run (kills its group)."""
-    sock = environ.get("gunicorn.socket")
+    sock = client_socket(environ)
     try:
         if sock is None:  # flask run, test client: no socket to watch
             return run.result()

@@ -32,7 +32,6 @@ from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any
 
-from gunicorn.arbiter import Arbiter
 from watchdog.events import (
     EVENT_TYPE_ATTRIB,
     EVENT_TYPE_CREATED,
@@ -46,8 +45,11 @@ from watchdog.observers import Observer
 
 from .config import read_toml
 from .errors import ConfigError
+from .gunicorn_internals import DevArbiter, worker_alive
 from .registry import Registry, load_registry
 from .runtimes import BuildError
+
+__all__ = ["DevArbiter", "Reloader", "build_go_functions", "is_ignored"]
 
 log = logging.getLogger("fnserve.reloader")
 
@@ -73,37 +75,6 @@ def is_ignored(path: str, root: str) -> bool:
     # the leaf too: creating __pycache__ itself is no change to any function
     return (name in _IGNORED_DIRS or name.startswith((".#", "."))
             or name.endswith(_IGNORED_SUFFIXES) or name == "4913")  # vim's probe file
-
-
-class _BackToTheLoop(Exception):
-    pass
-
-
-class DevArbiter(Arbiter):  # type: ignore[misc]
-    """The dev master: back to its signal loop as soon as a reload has started the new worker.
-
-    gunicorn >= 25 waits in reload() for the old workers to exit: with a slow request
-    in flight that is up to graceful_timeout, during which the master handles no
-    signal: neither Ctrl-C nor the HUP of the next save. The old worker drains on its
-    own and ignores the repeated SIGTERM that manage_workers sends it meanwhile, so
-    the wait buys nothing here. reap_workers() is the one call inside that wait.
-    """
-
-    _reloading = False
-
-    def reload(self) -> None:
-        self._reloading = True
-        try:
-            super().reload()
-        except _BackToTheLoop:
-            pass
-        finally:
-            self._reloading = False
-
-    def reap_workers(self) -> None:
-        super().reap_workers()
-        if self._reloading:
-            raise _BackToTheLoop
 
 
 class Reloader(FileSystemEventHandler):
@@ -233,12 +204,12 @@ def build_go_functions(worker: Any, state: Any) -> None:
 
     def build_all() -> None:
         for spec in specs:
-            if not worker.alive:
+            if not worker_alive(worker):
                 return
             try:
                 go.command(spec)
             except BuildError as exc:
-                if worker.alive:
+                if worker_alive(worker):
                     log.error("%s", exc)
             except Exception:  # a thread of our own: say why, never die silently
                 log.exception("building %s failed", spec.name)

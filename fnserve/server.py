@@ -25,6 +25,7 @@ from gunicorn.glogging import Logger
 from .app import create_app, get_state
 from .config import Config, load_config
 from .errors import ConfigError
+from .gunicorn_internals import drain_on_sigint
 from .logs import logging_config
 from .reaper import REAPER
 from .registry import Registry, load_registry
@@ -82,9 +83,7 @@ def is_public(host: str) -> bool:
 def when_ready(config: Config, arbiter: Any) -> None:
     """In the master, for `fnserve serve` and `gunicorn -c conf/gunicorn.conf.py` alike."""
     if not config.dev:
-        # the SPEC drains on SIGINT as on SIGTERM; gunicorn's own SIGINT is a quick stop.
-        # The arbiter looks its handlers up by name at each signal.
-        arbiter.handle_int = arbiter.handle_term
+        drain_on_sigint(arbiter)
     if is_public(config.host) and not config.api_key:
         log.warning("fnserve listens on %s, reachable from other machines, and no "
                     "--api-key is set: anyone who can reach port %s can run your "
@@ -207,7 +206,7 @@ class FnServeApplication(BaseApplication):  # type: ignore[misc]
 
     def run(self) -> None:
         if self.config.dev:
-            from .reloader import DevArbiter
+            from .gunicorn_internals import DevArbiter
 
             arbiter = DevArbiter(self)
         else:
