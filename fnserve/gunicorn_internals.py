@@ -12,6 +12,8 @@ rather than dev reload or the drain quietly misbehaving.
   to exit.
 - client_socket() reads environ["gunicorn.socket"], the client's socket, which the
   sync and gthread workers put in every WSGI environ.
+- master_children() reads the arbiter's WORKERS table and its other children's pids
+  (reexec_pid, dirty_arbiter_pid), to tell them from processes it adopted.
 """
 
 from __future__ import annotations
@@ -70,3 +72,13 @@ def client_socket(environ: Mapping[str, Any]) -> socket.socket | None:
     """The client's socket under gunicorn; None elsewhere (flask run, a test client)."""
     sock = environ.get("gunicorn.socket")
     return sock if isinstance(sock, socket.socket) else None
+
+
+def master_children(arbiter: Any) -> set[int]:
+    """The pids of the children the gunicorn master started itself (not adopted ones)."""
+    pids = set(arbiter.WORKERS)
+    for name in ("reexec_pid", "dirty_arbiter_pid"):
+        pid = getattr(arbiter, name, 0)
+        if pid:
+            pids.add(pid)
+    return pids

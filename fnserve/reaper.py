@@ -23,9 +23,15 @@ started (no FN_REQUEST_ID in its environment yet) for an orphan:
     ...
     proc.wait(); reaper.release(proc.pid)
 
-What still escapes: a process that is no longer our descendant when it is looked
-for. A daemon that double-forks after the worker itself has exited (or been
-SIGKILLed) is re-parented above us (the gunicorn master, or init).
+The gunicorn master is a subreaper too: when a worker dies without its
+worker_exit (SIGKILL, a crash), the functions it was running are re-parented to
+the master, which kills them and their process groups (kill_adopted_children).
+
+What still escapes: a process that is no longer below a subreaper of ours when it
+is looked for. A daemon that double-forks after the worker has exited, leaving a
+process that the master adopts only after its last sweep, runs on until it ends
+by itself (the master then reaps it); one that escapes `fnserve run` after it has
+exited goes to init.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 log = logging.getLogger("fnserve.reaper")
 
@@ -197,6 +203,26 @@ class Reaper:
             _reap(pid)
             handled += 1
         return handled
+
+
+def kill_adopted_children(keep: Collection[int], limit: float = KILL_WAIT) -> int:
+    """In the gunicorn master after a worker died: kill every child but `keep` (the
+    workers) with its process group. Those are the dead worker's functions, adopted
+    since the master is a subreaper; their own escapees are adopted in turn as they
+    die, hence the short repeat. gunicorn's waitpid(-1) reaps them all. How many."""
+    killed = 0
+    deadline = time.monotonic() + limit
+    while True:
+        adopted = [pid for pid, state in _children(os.getpid())
+                   if pid not in keep and state != "Z"]
+        for pid in adopted:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)  # a function leader leads its group
+            _kill(pid)
+        killed += len(adopted)
+        if not adopted or time.monotonic() >= deadline:
+            return killed
+        time.sleep(0.05)  # the killed die, and their children come to us
 
 
 def _children(parent: int) -> list[tuple[int, str]]:

@@ -25,9 +25,9 @@ from gunicorn.glogging import Logger
 from .app import create_app, get_state
 from .config import Config, load_config
 from .errors import ConfigError
-from .gunicorn_internals import drain_on_sigint
+from .gunicorn_internals import drain_on_sigint, master_children
 from .logs import logging_config
-from .reaper import REAPER
+from .reaper import REAPER, become_subreaper, kill_adopted_children
 from .registry import Registry, load_registry
 
 log = logging.getLogger("fnserve.server")
@@ -60,6 +60,7 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "when_ready": functools.partial(when_ready, config),
         "post_worker_init": post_worker_init,
         "worker_exit": worker_exit,
+        "child_exit": child_exit,
     }
 
 
@@ -82,6 +83,8 @@ def is_public(host: str) -> bool:
 
 def when_ready(config: Config, arbiter: Any) -> None:
     """In the master, for `fnserve serve` and `gunicorn -c conf/gunicorn.conf.py` alike."""
+    # the functions of a worker that dies without its worker_exit come to us (child_exit)
+    become_subreaper()
     if not config.dev:
         drain_on_sigint(arbiter)
     if is_public(config.host) and not config.api_key:
@@ -178,6 +181,14 @@ def worker_exit(server: Any, worker: Any) -> None:
     if isinstance(app, Flask) and "fnserve" in app.extensions:
         get_state(app).executor.shutdown()
     REAPER.stop()  # and the processes that escaped them
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """In the master, after a worker ended. A worker SIGKILLed (or crashed) could not kill
+    its functions: the master adopted them (a subreaper) and kills them now."""
+    killed = kill_adopted_children(master_children(server))
+    if killed:
+        log.warning("killed %d processes left running by worker %s", killed, worker.pid)
 
 
 class FnServeApplication(BaseApplication):  # type: ignore[misc]

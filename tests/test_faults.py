@@ -447,10 +447,10 @@ def test_function_that_kills_its_worker(own_server: LiveServer, tmp_path: Path) 
     """Same uid: a function can SIGKILL the gunicorn worker that runs it.
 
     The arbiter boots a new worker and the server answers again, but whatever
-    was in flight is lost: its clients get no answer, and the functions that
-    were running are orphans that nobody times out any more (the executor that
-    would have killed their groups died with the worker). This test has to end
-    the orphan itself. Counters start again from zero in the new worker.
+    was in flight is lost: its clients get no answer. The functions that were
+    running are adopted by the master (a child subreaper), which kills them and
+    their groups when the worker is reaped (child_exit), and reaps them.
+    Counters start again from zero in the new worker.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -470,8 +470,12 @@ def test_function_that_kills_its_worker(own_server: LiveServer, tmp_path: Path) 
                                        if w.pid != old_worker.pid], timeout=30)
             assert wait_until(lambda: _answers(own_server), timeout=30)
             assert_serving(own_server, "ok", b"ok\n")
-            assert psutil.pid_exists(orphan) and not process_gone(orphan)  # nobody ends it
+            # killed by the master, and reaped: not left to init, not a zombie
+            assert wait_until(lambda: not psutil.pid_exists(orphan), timeout=10)
             assert own_server.stats()["total_requests"] == 1  # the new worker's ok call
+            killed = [r for r in own_server.log_records()
+                      if "processes left running by worker" in str(r.get("message", ""))]
+            assert killed, "the master did not say it killed the orphan"
         finally:
             try:
                 os.killpg(orphan, signal.SIGKILL)

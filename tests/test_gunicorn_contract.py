@@ -24,6 +24,7 @@ from fnserve.gunicorn_internals import (
     DevArbiter,
     client_socket,
     drain_on_sigint,
+    master_children,
     worker_alive,
 )
 
@@ -147,3 +148,14 @@ def test_the_wsgi_environ_carries_the_client_socket() -> None:
     with left, right:
         assert client_socket({"gunicorn.socket": left}) is left
     assert client_socket({}) is None
+
+
+def test_the_master_knows_the_children_it_started() -> None:
+    """child_exit kills the master's other children: it must know its own."""
+    for name in ("WORKERS", "reexec_pid", "dirty_arbiter_pid"):
+        assert name in inspect.getsource(Arbiter.__init__) + inspect.getsource(Arbiter)
+    arbiter = Arbiter.__new__(Arbiter)
+    arbiter.WORKERS = {11: object(), 12: object()}
+    arbiter.reexec_pid = 0
+    arbiter.dirty_arbiter_pid = 13
+    assert master_children(arbiter) == {11, 12, 13}

@@ -32,8 +32,11 @@ params = json.loads(os.environ["FN_CONTEXT"])["parameters"]
 
 
 def record(role, pid):
-    with open(f"{params['pids']}.{role}", "w") as handle:
+    # written whole, then renamed: the leader waits for the name to exist
+    path = f"{params['pids']}.{role}"
+    with open(path + ".tmp", "w") as handle:
         handle.write(f"{pid}\\n")
+    os.rename(path + ".tmp", path)
 
 
 def escape(role, environ):
@@ -50,9 +53,14 @@ def escape(role, environ):
         os._exit(0)
 
 
+roles = ["escaped"]
 escape("escaped", dict(os.environ))
 if params.get("clean_env"):  # one that cannot be attributed: no FN_REQUEST_ID
     escape("anonymous", {"PATH": "/usr/bin:/bin"})
+    roles.append("anonymous")
+# handshake: the escapees have written their pids before this invocation can end
+while not all(os.path.exists(f"{params['pids']}.{role}") for role in roles):
+    time.sleep(0.01)
 if params.get("wait_for"):  # still running until the test creates this file
     while not os.path.exists(params["wait_for"]):
         time.sleep(0.01)
