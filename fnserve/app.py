@@ -9,7 +9,6 @@ slot is taken for a request that is refused anyway.
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
 import select
@@ -24,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_input_stream
 
+from .auth import key_matches
 from .config import Config
 from .context import forwarded_env, request_id_from, tracing_from
 from .errors import (
@@ -78,8 +78,7 @@ def _check_auth(config: Config) -> None:
     if not given:  # an empty X-API-Key must not hide a good Bearer token
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else ""
-    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
-                               config.api_key.encode("utf-8", "surrogateescape")):
+    if not key_matches(given, config.api_key):  # constant time, any length (auth.py)
         raise Unauthorized()
 
 
