@@ -103,7 +103,7 @@ def test_timeout_kills_a_grandchild_holding_stdout(fn_dir: Path, executor: Execu
     result = executor.run(invocation(fn, timeout=1.0))
     elapsed = time.monotonic() - started
     assert result.outcome == "timeout"
-    assert elapsed < 1.0 + 1.0
+    assert elapsed < 1.0 + 3.0  # a busy 2-core CI: seconds of slack, not fractions
     grandchild = read_pid(fn_dir / "hang.py.pid", timeout=0)
     assert wait_until(lambda: process_gone(grandchild), timeout=2)
 
@@ -200,8 +200,8 @@ def test_cancel_from_another_thread_kills_the_group(fn_dir: Path, executor: Exec
     leader = psutil.Process(grandchild).ppid()
     started = time.monotonic()
     threading.Thread(target=run.cancel).start()
-    result = run.result(timeout=5)
-    assert time.monotonic() - started < 2
+    result = run.result(timeout=10)
+    assert time.monotonic() - started < 5
     assert result.outcome == "cancelled"
     assert wait_until(lambda: process_gone(grandchild) and process_gone(leader), timeout=2)
     assert wait_until(lambda: executor.active == 0, timeout=2)

@@ -44,11 +44,20 @@ def record(role="main", pid=None):
 FUNCTIONS = {
     "ok.py": "print('ok')\n",
     "deaf.py": """
-        import sys, time
+        import array, fcntl, termios, time
         from _pids import record
         record()
-        time.sleep(0.2)  # the server is mid-way through the 6 MiB body by now
-        print("did not read it")
+        # handshake: wait until the stdin pipe is full, so the server is mid-way through
+        # the 6 MiB body, blocked on writing it; then exit without reading a byte
+        capacity = fcntl.fcntl(0, 1032)  # F_GETPIPE_SZ
+        pending = array.array("i", [0])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            fcntl.ioctl(0, termios.FIONREAD, pending)
+            if pending[0] >= capacity:
+                break
+            time.sleep(0.01)
+        print("did not read it" if pending[0] >= capacity else "the pipe never filled")
     """,
     "closes_stdout.py": """
         import os, sys, time

@@ -299,7 +299,7 @@ def test_a_few_slowloris_clients_do_not_block_others(hostile: Hostile) -> None:
             response = requests.post(hostile.server.url("/function/ok"), headers=AUTH,
                                      timeout=10)
             assert response.status_code == 200
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 3.0  # not blocked behind the slow ones
             time.sleep(0.2)
         dripper.join(15)
         assert not dripper.is_alive()

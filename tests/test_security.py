@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -71,6 +70,7 @@ def _functions(directory: Path) -> None:
             stolen = open(f"/proc/{other_pid}/environ", "rb").read().decode()
         except OSError as exc:
             stolen = f"unreadable: {exc.strerror}"
+        open(f"{me}.looked", "w").close()  # tells the test it may let both go
         while not os.path.exists(f"{me}.go") and time.monotonic() < deadline:
             time.sleep(0.01)  # stay alive until the other one has looked at us
         print(json.dumps({"context": ctx, "api_key": os.environ.get("HTTP_X_API_KEY"),
@@ -172,7 +172,11 @@ def test_what_a_function_sees_of_another_running_at_once(server: LiveServer,
         second = pool.submit(call, b, a, KEY)
         read_pid(Path(f"{a}.pid"))
         read_pid(Path(f"{b}.pid"))
-        threading.Timer(0.5, lambda: (Path(f"{a}.go").touch(), Path(f"{b}.go").touch())).start()
+        # handshake: both have read the other's environment while the other still ran
+        assert wait_until(lambda: Path(f"{a}.looked").exists() and Path(f"{b}.looked").exists(),
+                          timeout=20)
+        Path(f"{a}.go").touch()
+        Path(f"{b}.go").touch()
         results["a"], results["b"] = first.result().json(), second.result().json()
     for me, other in (("a", "b"), ("b", "a")):
         mine, theirs = results[me], results[other]
