@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -10,8 +11,18 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import OPTIONS, Config, format_duration, load_config, parse_duration
+from .config import (
+    OPTIONS,
+    Config,
+    Option,
+    format_duration,
+    load_config,
+    parse_duration,
+    parse_size,
+)
 from .errors import FnServeError
+from .executor import DEFAULT_MAX_OUTPUT
+from .listing import format_size
 
 EXIT_FAILED = 1  # output too large, build failed
 EXIT_USAGE = 2
@@ -25,14 +36,40 @@ class CliError(click.ClickException):
     exit_code = EXIT_USAGE
 
 
-def _server_options(command: Callable[..., Any]) -> Callable[..., Any]:
+FORMATS = (
+    "DURATION is 500ms, 10s, 2m, 1h or a number of seconds. SIZE is 512KB, 6MB, 1GB "
+    "(powers of 1024) or a number of bytes.\n\n"
+    "Every option also reads FNSERVE_<OPTION> (FNSERVE_PORT, FNSERVE_API_KEY, ...) and "
+    "the [server] table of DIR/fnserve.toml; a flag beats the environment, which beats "
+    "the file. DIR defaults to FNSERVE_FUNCTIONS_DIR."
+)
+
+
+def _shown(option: Option, value: Any) -> str:
+    if option.parse is parse_size:
+        return format_size(value)
+    if option.parse is parse_duration:
+        return format_duration(value)
+    return str(value)
+
+
+def _option_help(option: Option, dev: bool) -> str:
+    default = option.dev_default if dev and option.dev_default is not None else option.default
+    shown = f"default: {_shown(option, default)}; " if default not in (None, ()) else ""
+    return f"{option.help} [{shown}{option.env}]"
+
+
+def _server_options(dev: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     # every serve/dev flag comes from config.OPTIONS; defaults are applied there,
     # after FNSERVE_* and fnserve.toml, so click passes None for "not given"
-    for option in reversed(OPTIONS):
-        command = click.option(f"--{option.name}", option.field, default=None,
-                               multiple=option.multiple, metavar=option.metavar,
-                               help=option.help)(command)
-    return click.argument("directory", required=False, metavar="DIR")(command)
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(OPTIONS):
+            command = click.option(f"--{option.name}", option.field, default=None,
+                                   multiple=option.multiple, metavar=option.metavar,
+                                   help=_option_help(option, dev))(command)
+        return click.argument("directory", required=False, metavar="DIR")(command)
+
+    return decorate
 
 
 def _config(directory: str | None, flags: dict[str, Any], dev: bool) -> Config:
@@ -42,23 +79,41 @@ def _config(directory: str | None, flags: dict[str, Any], dev: bool) -> Config:
         raise CliError(str(exc)) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             invoke_without_command=True)
 @click.version_option(__version__, prog_name="fnserve")
-def main() -> None:
-    """FnServe: run Python, Go and executable functions behind HTTP."""
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """FnServe: run Python, Go and executable functions behind HTTP.
+
+    Start with `fnserve dev DIR` while writing functions, `fnserve serve DIR` to run
+    them, `fnserve run NAME --dir DIR` to call one from the shell.
+    """
+    if ctx.invoked_subcommand is None:  # plain `fnserve`: the commands, not an error
+        click.echo(ctx.get_help())
+        ctx.exit(0)
 
 
-@main.command()
-@_server_options
+@main.command(epilog=FORMATS)
+@_server_options(dev=False)
 def serve(directory: str | None, **flags: Any) -> None:
-    """Serve the functions in DIR with gunicorn (JSON logs)."""
+    """Serve the functions in DIR over HTTP (gunicorn, JSON logs on stderr).
+
+    Each invocation runs in a fresh process; see README.md for the HTTP API.
+    """
     _serve(_config(directory, flags, dev=False))
 
 
-@main.command()
-@_server_options
+@main.command(epilog=FORMATS)
+@_server_options(dev=True)
 def dev(directory: str | None, **flags: Any) -> None:
-    """Serve DIR and reload on every change (readable logs)."""
+    """Serve DIR for development: reload on every save.
+
+    Like serve, with smaller defaults: a change to a function or to fnserve.toml
+    reloads the server (Go functions are rebuilt, a compile error is printed),
+    logs are readable lines on stdout, and a failed function's answer includes
+    the end of its stderr.
+    """
     _serve(_config(directory, flags, dev=True))
 
 
@@ -81,23 +136,36 @@ def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     return pairs
 
 
-@main.command()
+@main.command(epilog="DURATION is 500ms, 10s, 2m, 1h or seconds; SIZE is 512KB, 6MB, 1GB "
+                     "or bytes.")
 @click.argument("target")
-@click.option("--dir", "directory", default=".", metavar="DIR", help="Where to find TARGET.")
+@click.option("--dir", "directory", default=".", metavar="DIR", show_default=True,
+              help="The functions directory TARGET is a name in.")
 @click.option("--data", metavar="JSON|@FILE", help="The event (default: stdin, else {}).")
 @click.option("--param", multiple=True, metavar="K=V", help="A query parameter (repeatable).")
 @click.option("--env", multiple=True, metavar="K=V", help="A context env entry (repeatable).")
-@click.option("--timeout", metavar="DURATION", help="Shorten the function's deadline.")
+@click.option("--timeout", metavar="DURATION",
+              help="Shorten the function's deadline (its own timeout, else 30s).")
+@click.option("--max-output", metavar="SIZE", help="Largest stdout. [default: 6MB]")
 def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
-        env: tuple[str, ...], timeout: str | None) -> None:
-    """Invoke one function once, without a server."""
-    from .invoke import parse_event, resolve, run_function
+        env: tuple[str, ...], timeout: str | None, max_output: str | None) -> None:
+    """Invoke one function once, without a server.
+
+    TARGET is a function's name in --dir (hello), or the path of its file or
+    directory (samples/hello.py, samples/wordcount). The event is --data, else
+    stdin when it is not a terminal (JSON if it starts with { or [, else passed
+    as text), else {}. Exits with the function's status: 128+N when killed by
+    signal N, 124 on timeout, 1 when the output was too large or a build failed,
+    2 on usage errors.
+    """
+    from .invoke import parse_event, parse_stdin, resolve, run_function
 
     try:
         seconds = parse_duration(timeout) if timeout is not None else None
+        output_limit = parse_size(max_output) if max_output is not None else DEFAULT_MAX_OUTPUT
         spec = resolve(target, directory)
         if data is None and sys.stdin is not None and not sys.stdin.isatty():
-            event = parse_event(sys.stdin.buffer.read())
+            event = parse_stdin(sys.stdin.buffer.read())
         else:
             event = parse_event(data)
     except (ValueError, FnServeError) as exc:
@@ -113,7 +181,7 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
     try:
         result = run_function(spec, event, parameters=_pairs(param, "--param"),
                               env=_pairs(env, "--env"), timeout=seconds,
-                              stderr_sink=echo_stderr)
+                              stderr_sink=echo_stderr, max_output=output_limit)
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGNAL_BASE + 2)
     except OSError as exc:  # FnServe's own trouble (an unwritable cache): say it in a line
@@ -128,7 +196,8 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
                    f"{format_duration(result.context.deadline or 0)}", err=True)
         sys.exit(EXIT_TIMEOUT)
     if result.outcome == "output_too_large":
-        click.echo(f"fnserve: {spec.name} wrote more than the output limit", err=True)
+        click.echo(f"fnserve: {spec.name} wrote more than the output limit of "
+                   f"{format_size(output_limit)} (--max-output); it was killed", err=True)
         sys.exit(EXIT_FAILED)
     if result.outcome == "build_failed":
         click.echo(f"fnserve: {result.error}", err=True)
@@ -136,19 +205,37 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
     if result.error:
         click.echo(f"fnserve: {result.error}", err=True)
     if result.signal is not None:
+        click.echo(f"fnserve: {spec.name} was killed by signal {result.signal} "
+                   f"({_signal_name(result.signal)})", err=True)
         sys.exit(EXIT_SIGNAL_BASE + result.signal)
     sys.exit(result.exit_code or 0)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 @main.command("list")
 @click.argument("directory", metavar="DIR", default=".")
 def list_functions(directory: str) -> None:
-    """List the functions in DIR with their settings and status."""
+    """List the functions in DIR with their settings and status.
+
+    TIMEOUT is the deadline `fnserve serve DIR` gives each function: its own
+    timeout, at most the server's (30s unless FNSERVE_TIMEOUT or fnserve.toml's
+    [server] says otherwise).
+    """
     from .listing import describe
 
     try:
+        # the timeout that applies when served (min(own, --timeout), 30s unless set), as
+        # GET /functions shows it; FNSERVE_TIMEOUT and [server] of fnserve.toml count
+        config = load_config(directory, {}, os.environ)
         rows = describe(directory, os.environ,
-                        warn=lambda warning: click.echo(f"warning: {warning}", err=True))
+                        warn=lambda warning: click.echo(f"warning: {warning}", err=True),
+                        server_timeout=config.timeout)
     except FnServeError as exc:
         raise CliError(str(exc)) from None
     if not rows:

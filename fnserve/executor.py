@@ -239,7 +239,7 @@ class Executor:
             with REAPER.spawning():
                 proc = subprocess.Popen(
                     argv, cwd=command.cwd,
-                    env=function_environment(context, invocation.base_env),
+                    env={**command.env, **function_environment(context, invocation.base_env)},
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                     start_new_session=True,
                 )

@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import build_environment, cache_dir
 from .context import base_environment, make_context
 from .errors import NotFound, UsageError
-from .executor import Executor, Invocation, Result, StderrSink
+from .executor import DEFAULT_MAX_OUTPUT, Executor, Invocation, Result, StderrSink
 from .outcome import parse_json
 from .registry import FunctionSpec, load_registry, spec_for_path
 from .runtimes import make_runtimes
@@ -27,7 +27,8 @@ def resolve(target: str, directory: str | Path = ".") -> FunctionSpec:
             return spec_for_path(path)
         return load_registry(directory).get(target)
     except NotFound as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"{exc} in {Path(directory).resolve()} (give --dir DIR, or the path "
+                         f"of the function's file)") from None
 
 
 def parse_event(data: str | bytes | None) -> bytes:
@@ -50,6 +51,21 @@ def parse_event(data: str | bytes | None) -> bytes:
     return raw
 
 
+def parse_stdin(raw: bytes) -> bytes:
+    """The event from stdin: what looks like JSON (an object or an array) must be JSON;
+    anything else goes to the function unchanged, as a text/plain body over HTTP does."""
+    stripped = raw.lstrip()
+    if not stripped:
+        return b"{}"
+    if stripped[:1] in (b"{", b"["):
+        try:
+            parse_json(raw)
+        except (ValueError, RecursionError) as exc:
+            reason = exc if isinstance(exc, ValueError) else "nested too deeply"
+            raise UsageError(f"stdin is not valid JSON: {reason}") from None
+    return raw
+
+
 def run_function(
     target: str | FunctionSpec,
     event: bytes = b"{}",
@@ -60,6 +76,7 @@ def run_function(
     timeout: float | None = None,
     environ: Mapping[str, str] | None = None,
     stderr_sink: StderrSink | None = None,
+    max_output: int = DEFAULT_MAX_OUTPUT,
 ) -> Result:
     """Run one function once, through the same executor the server uses."""
     spec = target if isinstance(target, FunctionSpec) else resolve(target, directory)
@@ -74,5 +91,5 @@ def run_function(
     executor = Executor(1, make_runtimes(cache_dir(environ), build_environment(environ)),
                         stderr_sink=stderr_sink, stderr_log_limit=None)
     invocation = Invocation(spec, context, event, time.monotonic() + deadline,
-                            base_environment(environ))
+                            base_environment(environ), max_output)
     return executor.run(invocation)

@@ -39,10 +39,11 @@ def describe_registry(registry: Registry, runtimes: Mapping[str, Runtime],
 
 
 def describe(directory: str | Path, environ: Mapping[str, str],
-             warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+             warn: Callable[[str], None] | None = None,
+             server_timeout: float | None = None) -> list[dict[str, Any]]:
     registry = load_registry(directory)
     if warn is not None:  # a name defined twice: say which file is used (SPEC §1)
         for warning in registry.warnings:
             warn(warning)
     runtimes = make_runtimes(cache_dir(environ), build_environment(environ))
-    return describe_registry(registry, runtimes)
+    return describe_registry(registry, runtimes, server_timeout)

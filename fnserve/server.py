@@ -13,9 +13,10 @@ import ipaddress
 import logging
 import math
 import signal
+import sys
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
@@ -23,6 +24,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.glogging import Logger
 
 from .app import create_app, get_state
+from .banner import function_lines, start_line
 from .config import Config, load_config
 from .errors import ConfigError
 from .gunicorn_internals import drain_on_sigint, master_children
@@ -83,6 +85,10 @@ def is_public(host: str) -> bool:
 
 def when_ready(config: Config, arbiter: Any) -> None:
     """In the master, for `fnserve serve` and `gunicorn -c conf/gunicorn.conf.py` alike."""
+    ready(config, arbiter, _registry_for(config))
+
+
+def ready(config: Config, arbiter: Any, registry: Registry) -> None:
     # the functions of a worker that dies without its worker_exit come to us (child_exit)
     become_subreaper()
     if not config.dev:
@@ -91,6 +97,22 @@ def when_ready(config: Config, arbiter: Any) -> None:
         log.warning("fnserve listens on %s, reachable from other machines, and no "
                     "--api-key is set: anyone who can reach port %s can run your "
                     "functions", config.host, config.port)
+    announce(config, registry)
+
+
+def _registry_for(config: Config) -> Registry:
+    if _last_good is not None and _last_good[0].functions_dir == config.functions_dir:
+        return _last_good[1]
+    return load_registry(config.functions_dir)
+
+
+def announce(config: Config, registry: Registry) -> None:
+    """`FnServe 0.1.0 serving 6 functions from DIR on http://HOST:PORT`, so a user knows
+    it worked; in dev, the functions with their status, on stdout like the rest."""
+    log.info(start_line(config, registry))
+    if config.dev:
+        sys.stdout.write("".join(line + "\n" for line in function_lines(config, registry)))
+        sys.stdout.flush()
 
 
 # The master's last good (config, registry); each worker, forked from it, inherits it.
@@ -113,10 +135,18 @@ def conf_settings(environ: Mapping[str, str]) -> dict[str, Any]:
         remember_last_good(config, load_registry(config.functions_dir))
     except ConfigError as exc:
         if _last_good is None:
-            raise
+            startup_error(exc)
         log.error("%s (keeping the last good configuration)", exc)
         config = _last_good[0]
     return gunicorn_settings(config)
+
+
+def startup_error(exc: ConfigError) -> NoReturn:
+    """gunicorn with conf/, `flask run`: a bad setting is one line and exit 2, as with
+    `fnserve serve`, not a traceback (SystemExit passes through both)."""
+    sys.stderr.write(f"fnserve: {exc}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
 
 
 def worker_app(config: Config, fallback: Registry | None) -> Flask:
@@ -205,7 +235,7 @@ class FnServeApplication(BaseApplication):  # type: ignore[misc]
             self.cfg.set("when_ready", self._start_reloader)
 
     def _start_reloader(self, arbiter: Any) -> None:
-        when_ready(self.config, arbiter)
+        ready(self.config, arbiter, self.registry)
         if self.reloader is None:
             from .reloader import Reloader
 

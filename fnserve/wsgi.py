@@ -8,15 +8,21 @@ last good configuration instead of failing to load (which would stop gunicorn).
 
 from __future__ import annotations
 
+import logging
 import logging.config
 import os
-import sys
 
+from .app import get_state
+from .errors import ConfigError
 from .logs import logging_config
-from .server import wsgi_app
+from .server import startup_error, wsgi_app
 
-if "gunicorn" not in sys.modules:  # under gunicorn, its logconfig_dict (conf/) sets logging up
-    from .config import load_config
+try:
+    app = wsgi_app(os.environ)
+except ConfigError as exc:  # no FNSERVE_FUNCTIONS_DIR, a broken fnserve.toml: one line
+    startup_error(exc)
 
-    logging.config.dictConfig(logging_config(load_config(None, {}, os.environ).log_format))
-app = wsgi_app(os.environ)
+if not logging.getLogger("fnserve").handlers:
+    # not under gunicorn (whose logconfig_dict from conf/ has set logging up already):
+    # `flask run` logs the invocation lines and the functions' stderr like serve does
+    logging.config.dictConfig(logging_config(get_state(app).config.log_format))

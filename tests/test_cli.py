@@ -158,7 +158,7 @@ def test_run_bad_data_is_2(data: str, env: dict[str, str], fn_dir: Path) -> None
 def test_run_bad_stdin_json_is_2(env: dict[str, str]) -> None:
     done = run("echo", "--dir", str(SAMPLES), env=env, input=b"{oops")
     assert done.returncode == 2
-    one_line_error(done.stderr)
+    assert one_line_error(done.stderr).startswith("Error: stdin is not valid JSON")
 
 
 def test_run_bad_options_are_2(env: dict[str, str]) -> None:
@@ -224,7 +224,10 @@ def test_list_samples(env: dict[str, str]) -> None:
     assert table == {
         "echo": ["python", "10s", "-", "ok"],
         "fail": ["python", "10s", "-", "ok"],
+        "forever": ["python", "2s", "-", "ok"],
+        "greet": ["python", "10s", "-", "ok"],
         "hello": ["python", "5s", "256MB", "ok"],
+        "reverse": ["python", "10s", "-", "ok"],
         "slow": ["python", "3s", "-", "ok"],
         "upper": ["exec", "10s", "-", "ok"],
         "wordcount": ["go", "10s", "512MB", "ok"],

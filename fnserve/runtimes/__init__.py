@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +44,8 @@ RUN_CANCELLED: ContextVar[threading.Event | None] = ContextVar("fnserve_run_canc
 class Command:
     argv: tuple[str, ...]
     cwd: Path
+    # defaults for the function's environment; its configured env and --pass-env win
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 class Runtime(Protocol):
