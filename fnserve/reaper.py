@@ -51,6 +51,7 @@ log = logging.getLogger("fnserve.reaper")
 
 PR_SET_CHILD_SUBREAPER = 36
 SWEEP_INTERVAL = 1.0  # seconds between sweeps when no invocation ends (late re-parenting)
+SWEEP_PAUSE = 0.25  # seconds from the end of an invocation to its sweep: at most 4 a second
 KILL_WAIT = 1.0  # seconds a killed orphan gets to die before the next sweep reaps it
 EXIT_SWEEP_LIMIT = 5.0  # seconds the final sweep keeps killing re-parented descendants
 _REQUEST_ID = b"FN_REQUEST_ID="
@@ -158,9 +159,10 @@ class Reaper:
     def _sweep_loop(self) -> None:
         while not self._stopping:
             self._wake.wait(SWEEP_INTERVAL)
-            self._wake.clear()
             if self._stopping:
                 return
+            time.sleep(SWEEP_PAUSE)  # a busy server ends many invocations: one sweep for all
+            self._wake.clear()
             try:
                 # killing one orphan re-parents its own children to us: sweep again
                 deadline = time.monotonic() + EXIT_SWEEP_LIMIT
@@ -172,30 +174,47 @@ class Reaper:
     # -- one sweep ----------------------------------------------------------------------
 
     def sweep(self, everything: bool = False) -> int:
-        """Kill and reap the orphans that may go; `everything`: all of them. How many."""
+        """Kill and reap the orphans that may go; `everything`: all of them. How many.
+
+        A normal sweep lists children from /proc/self/task/*/children (cheap: ~1 ms
+        for a worker's hundred threads, where a scan of /proc costs 10-25 ms on a
+        busy machine), which may miss a child re-parented meanwhile: the next sweep
+        finds it. The final sweep (`everything`) scans /proc.
+        """
         with self._lock:
             quiet = self._spawning == 0
             epoch = self._spawn_epoch
+            # running when the scan starts or when it ends: a process of such an invocation
+            # (its leader between fork and adopt() included) is never judged by this sweep
+            running = set(self._active)
         orphans = []
-        for pid, state in _children(os.getpid()):
+        me = os.getpid()
+        children = _children(me) if everything else _children_by_task(me)
+        for pid, state in children:
             with self._lock:
                 if pid in self._known:
                     continue
+            if state == "":
+                state = _state_of(pid)
+                if state == "":
+                    continue  # gone, reaped by no one but us: cannot be
             request_id = None if state == "Z" else _request_id_of(pid)
             orphans.append((pid, state, request_id))
         with self._lock:
             # a child whose Popen is still under way has no FN_REQUEST_ID yet, and is not
             # adopted yet: judge unattributed children only if no spawn overlapped the scan
             quiet = quiet and self._spawning == 0 and self._spawn_epoch == epoch
-            active = set(self._active)
+            running |= set(self._active)
         handled = 0
         for pid, state, request_id in orphans:
             if request_id is None and not quiet:
                 continue
-            if request_id is not None and request_id in active and not everything:
+            if request_id is not None and request_id in running and not everything:
                 continue  # its invocation still runs: it ends with it
-            if state != "Z":
-                _kill(pid)
+            with self._lock:
+                if pid in self._known:  # adopted since it was looked at
+                    continue
+            if state != "Z" and _kill(pid):
                 self.killed += 1
                 log.info("killed process %s left by %s", pid,
                          f"invocation {request_id}" if request_id else "an unknown parent",
@@ -223,6 +242,37 @@ def kill_adopted_children(keep: Collection[int], limit: float = KILL_WAIT) -> in
         if not adopted or time.monotonic() >= deadline:
             return killed
         time.sleep(0.05)  # the killed die, and their children come to us
+
+
+def _children_by_task(parent: int) -> list[tuple[int, str]]:
+    """(pid, "") of the children of each thread of `parent` (the state is read later,
+    only for the children nobody waits for); a full scan where the kernel has no
+    children files (CONFIG_PROC_CHILDREN)."""
+    found: list[tuple[int, str]] = []
+    try:
+        tasks = os.listdir(f"/proc/{parent}/task")
+    except OSError:
+        return _children(parent)
+    for task in tasks:
+        try:
+            with open(f"/proc/{parent}/task/{task}/children", "rb") as handle:
+                found.extend((int(pid), "") for pid in handle.read().split())
+        except FileNotFoundError:
+            if task == str(parent):  # the leader has no children file: no kernel support
+                return _children(parent)
+        except OSError:
+            continue  # the thread ended meanwhile
+    return found
+
+
+def _state_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return fields[0].decode() if fields else ""
 
 
 def _children(parent: int) -> list[tuple[int, str]]:
@@ -259,12 +309,13 @@ def _request_id_of(pid: int) -> str | None:
     return None
 
 
-def _kill(pid: int) -> None:
+def _kill(pid: int) -> bool:
     # safe from pid reuse: `pid` is our child and unreaped, and only we reap it
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return False
+    return True
 
 
 def _reap(pid: int) -> None:
