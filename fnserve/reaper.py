@@ -50,8 +50,9 @@ from collections.abc import Collection, Iterator
 log = logging.getLogger("fnserve.reaper")
 
 PR_SET_CHILD_SUBREAPER = 36
-SWEEP_INTERVAL = 1.0  # seconds between sweeps when no invocation ends (late re-parenting)
-SWEEP_PAUSE = 0.25  # seconds from the end of an invocation to its sweep: at most 4 a second
+SWEEP_INTERVAL = 1.0  # seconds between sweeps while escapees may still be re-parented
+SWEEP_PAUSE = 0.5  # seconds from the end of an invocation to its sweep: at most 2 a second
+LATE_WINDOW = 5.0  # seconds after an invocation ended (or an orphan was found) to keep looking
 KILL_WAIT = 1.0  # seconds a killed orphan gets to die before the next sweep reaps it
 EXIT_SWEEP_LIMIT = 5.0  # seconds the final sweep keeps killing re-parented descendants
 _REQUEST_ID = b"FN_REQUEST_ID="
@@ -77,6 +78,8 @@ class Reaper:
         self._spawn_epoch = 0
         self._started = False
         self._stopping = False
+        self._stop_requested = threading.Event()
+        self._last_end = 0.0
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.killed = 0  # orphans killed so far, for logs and tests
@@ -114,6 +117,7 @@ class Reaper:
             if self._active[request_id] <= 0:
                 del self._active[request_id]
         if self._started:
+            self._last_end = time.monotonic()
             self._wake.set()
 
     # -- the owner of the process: the gunicorn worker, `fnserve run` -----------------
@@ -132,6 +136,7 @@ class Reaper:
             return False
         self._started = True
         self._stopping = False
+        self._stop_requested.clear()
         if background:
             self._thread = threading.Thread(target=self._sweep_loop, name="fnserve-reaper",
                                             daemon=True)
@@ -143,6 +148,7 @@ class Reaper:
         if not self._started:
             return
         self._stopping = True
+        self._stop_requested.set()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=KILL_WAIT + 1)
@@ -157,17 +163,21 @@ class Reaper:
             pass
 
     def _sweep_loop(self) -> None:
+        # Sweeps cost CPU (a read per thread of the worker): one after invocations end,
+        # at most one per SWEEP_PAUSE however many ended, then one per SWEEP_INTERVAL
+        # while escapees may still be re-parented (LATE_WINDOW); none on an idle server.
+        last_found = 0.0
         while not self._stopping:
-            self._wake.wait(SWEEP_INTERVAL)
-            if self._stopping:
+            recent = time.monotonic() - max(self._last_end, last_found) < LATE_WINDOW
+            self._wake.wait(SWEEP_INTERVAL if recent else None)
+            if self._stopping or self._stop_requested.wait(SWEEP_PAUSE):
                 return
-            time.sleep(SWEEP_PAUSE)  # a busy server ends many invocations: one sweep for all
             self._wake.clear()
             try:
                 # killing one orphan re-parents its own children to us: sweep again
                 deadline = time.monotonic() + EXIT_SWEEP_LIMIT
                 while self.sweep() and not self._stopping and time.monotonic() < deadline:
-                    pass
+                    last_found = time.monotonic()
             except Exception:  # a thread of our own: say why, never die silently
                 log.exception("sweeping orphaned processes failed")
 
@@ -176,10 +186,10 @@ class Reaper:
     def sweep(self, everything: bool = False) -> int:
         """Kill and reap the orphans that may go; `everything`: all of them. How many.
 
-        A normal sweep lists children from /proc/self/task/*/children (cheap: ~1 ms
-        for a worker's hundred threads, where a scan of /proc costs 10-25 ms on a
-        busy machine), which may miss a child re-parented meanwhile: the next sweep
-        finds it. The final sweep (`everything`) scans /proc.
+        A normal sweep lists children from /proc/self/task/*/children (1-5 ms for a
+        worker's hundred-odd threads, where a scan of /proc costs 10-25 ms on a busy
+        machine), which may miss a child re-parented meanwhile: the next sweep finds
+        it. The final sweep (`everything`) scans /proc.
         """
         with self._lock:
             quiet = self._spawning == 0
