@@ -38,6 +38,12 @@ class InvalidJSON(FnServeError):
     message = "request body is not valid JSON"
 
 
+class InvalidCallbackUrl(FnServeError):
+    status = 400
+    code = "invalid_callback_url"
+    message = "X-Callback-Url is not an http or https URL"
+
+
 class Unauthorized(FnServeError):
     status = 401
     code = "unauthorized"
@@ -116,6 +122,18 @@ class Unavailable(FnServeError):
     status = 503
     code = "unavailable"
     message = "server is shutting down"
+
+
+class QueueUnavailable(FnServeError):
+    """The job queue (Redis) cannot be reached: the job was not queued."""
+
+    status = 503
+    code = "queue_unavailable"
+    message = "the job queue is unavailable"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class ConfigError(FnServeError):

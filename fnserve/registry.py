@@ -22,7 +22,7 @@ log = logging.getLogger("fnserve.registry")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-SETTING_KEYS = ("timeout", "memory", "env", "python")
+SETTING_KEYS = ("timeout", "memory", "env", "python", "retries")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Settings:
     memory: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     python: str | None = None
+    retries: int = 0  # async runs on a Redis queue: attempts after a failed one (SPEC §11)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ def parse_settings(table: Any, where: str, base: Settings | None = None) -> Sett
         raise ConfigError(f"{where}: must be a table")
     base = base or Settings()
     values: dict[str, Any] = {"timeout": base.timeout, "memory": base.memory,
-                              "env": dict(base.env), "python": base.python}
+                              "env": dict(base.env), "python": base.python,
+                              "retries": base.retries}
     for key, value in table.items():
         if key not in SETTING_KEYS:
             raise ConfigError(f"{where}.{key}: unknown key (expected one of "
@@ -151,6 +153,11 @@ def parse_settings(table: Any, where: str, base: Settings | None = None) -> Sett
                 if not isinstance(value, str) or not value:
                     raise ValueError(f"must be a path to an interpreter, not {value!r}")
                 values["python"] = value
+            elif key == "retries":
+                if isinstance(value, bool) or not isinstance(value, int) or \
+                        not 0 <= value <= 100:
+                    raise ValueError(f"must be a whole number from 0 to 100, not {value!r}")
+                values["retries"] = value
             else:
                 values["env"].update(_parse_env(value))
         except ValueError as exc:
