@@ -88,16 +88,16 @@ def executor(runtimes: dict[str, Runtime], stderr_lines: StderrLines) -> Iterato
     pool.shutdown()
 
 
-# -- CI must run the tests of these markers, never skip them ----------------------
-# (a test of a real service or toolchain skips where it is missing; in CI, where
-# .ci/run installs them, a skip means a broken install and fails the run)
+# -- CI must run the tests of real services, never skip them -------------------------
 
+# a test with one of these markers needs a tool or service (Go toolchain, a browser, ...):
+# skipped on a developer's machine without it, a failure of the run in CI
 REQUIRED_IN_CI = ("go", "redis")
-_required_tests = {marker: {"ran": 0, "skipped": 0} for marker in REQUIRED_IN_CI}
+_required = {marker: {"ran": 0, "skipped": 0} for marker in REQUIRED_IN_CI}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    for marker, counts in _required_tests.items():
+    for marker, counts in _required.items():
         if marker not in report.keywords:
             continue
         if report.skipped:
@@ -107,17 +107,17 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # .ci/run sets CI: a machine without the toolchain or service must fail there
+    # .ci/run sets CI: a machine without the tool must fail there, not pass quietly
     if not os.environ.get("CI"):
         return
-    for marker, counts in _required_tests.items():
+    for marker, counts in _required.items():
         collected = any(marker in item.keywords for item in session.items)
         if collected and (counts["skipped"] or not counts["ran"]):
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for marker, counts in _required_tests.items():
+    for marker, counts in _required.items():
         terminalreporter.write_line(
             f"{marker} tests: {counts['ran']} ran, {counts['skipped']} skipped"
             + (f" (CI: skipped {marker} tests fail the run)" if os.environ.get("CI") else ""))
