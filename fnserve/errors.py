@@ -149,6 +149,14 @@ class Unavailable(FnServeError):
         return {"Retry-After": "1"}
 
 
+class JobExists(FnServeError):
+    """An async invocation reused the request id of a job that is still known."""
+
+    status = 409
+    code = "conflict"
+    message = "a job with this request id exists"
+
+
 class QueueUnavailable(FnServeError):
     """The job queue (Redis) cannot be reached: the job was not queued."""
 

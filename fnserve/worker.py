@@ -39,13 +39,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import SimpleWorker
-from rq.exceptions import InvalidJobOperation
+from rq.exceptions import InvalidJobOperation, StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty
-from rq.worker import StopRequested
 
 from .callbacks import CallbackSender
 from .config import Config
@@ -79,7 +78,7 @@ class WorkerStopped(Exception):
     """The worker stopped (SIGTERM) before the run ended; the job is put back."""
 
 
-class NoDeathPenalty(BaseDeathPenalty):  # type: ignore[misc]
+class NoDeathPenalty(BaseDeathPenalty):
     """RQ's alarm is off: the executor enforces the function's deadline."""
 
     def setup_death_penalty(self) -> None:
@@ -106,7 +105,7 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
 # -- the worker -------------------------------------------------------------------------
 
 
-class FnServeWorker(SimpleWorker):  # type: ignore[misc]
+class FnServeWorker(SimpleWorker):
     death_penalty_class = NoDeathPenalty
 
     def __init__(self, service: Service, queue: Queue, connection: Redis) -> None:
@@ -190,7 +189,7 @@ class FnServeWorker(SimpleWorker):  # type: ignore[misc]
             return fields
         if job is not None:
             job.meta["outcome"] = fields
-            job.save_meta()
+            job.save_meta()  # type: ignore[no-untyped-call]
         raise JobFailed(_error_line(outcome))
 
     def _request(self, payload: dict[str, Any]) -> InvocationRequest:
@@ -235,7 +234,7 @@ class FnServeWorker(SimpleWorker):  # type: ignore[misc]
         timer.daemon = True
         timer.start()
         self._shutdown_requested_date = _utcnow()
-        self._shutdown()  # RQ: stop after the current job, or at once when idle
+        self._shutdown()  # type: ignore[no-untyped-call]  # RQ: stop after the current job, or at once when idle
 
     def _cancel_running(self) -> None:
         with self._job_lock:
@@ -284,9 +283,9 @@ class FnServeWorker(SimpleWorker):  # type: ignore[misc]
 
     def _move_due_retries(self) -> None:
         if not self._scheduler.acquired_locks or self._scheduler.should_reacquire_locks:
-            self._scheduler.acquire_locks()
+            self._scheduler.acquire_locks()  # type: ignore[no-untyped-call]
         if self._scheduler.acquired_locks:
-            self._scheduler.enqueue_scheduled_jobs()
+            self._scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
 
     def _find_abandoned(self) -> None:
         find_abandoned(self.rq_queue)
@@ -298,7 +297,7 @@ def find_abandoned(queue: Queue) -> None:
         try:
             queue.started_job_registry.cleanup()
         finally:
-            queue.release_maintenance_lock()
+            queue.release_maintenance_lock()  # type: ignore[no-untyped-call]
 
 
 def _utcnow() -> Any:
@@ -319,7 +318,7 @@ def _metrics_handler(worker: FnServeWorker) -> type[BaseHTTPRequestHandler]:
     service = worker.service
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._send(200, generate_latest(service.metrics), CONTENT_TYPE_LATEST)
@@ -345,7 +344,7 @@ def _metrics_handler(worker: FnServeWorker) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass  # scrapes are not worth a log line each
 
     return Handler
@@ -407,7 +406,7 @@ def run_worker(config: Config, *, metrics_host: str = "127.0.0.1",
 def _redacted(url: str) -> str:
     """The Redis URL without its password, for the log."""
     scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
+    _credentials, at, host = rest.rpartition("@")
     return f"{scheme}{sep}{'***@' if at else ''}{host}"
 
 

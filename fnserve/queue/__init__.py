@@ -26,10 +26,10 @@ class JobQueue(Protocol):
         """The job as GET /jobs/<id> shows it (SPEC §11), None when unknown."""
 
     def drain(self) -> None:
-        """SIGTERM: start no more jobs; the running ones finish."""
+        """SIGTERM: start no more jobs; the running ones get --graceful-timeout."""
 
-    def close(self, wait: float = 0.0) -> None:
-        """Stop; give running jobs and pending callbacks up to `wait` seconds."""
+    def close(self) -> None:
+        """Stop; running jobs and callbacks get what is left of the grace period."""
 
 
 def make_queue(service: Service) -> JobQueue:

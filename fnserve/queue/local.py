@@ -52,6 +52,7 @@ class LocalQueue:
         self._ended: collections.deque[str] = collections.deque()
         self._running = 0
         self._draining = False
+        self._drain_deadline = 0.0  # running jobs may finish until then (drain())
         self._closed = False
         self._runners = ThreadPoolExecutor(service.config.concurrency,
                                            thread_name_prefix="fnserve-async")
@@ -85,11 +86,13 @@ class LocalQueue:
 
     def drain(self) -> None:
         with self._lock:
-            self._draining = True
+            if not self._draining:
+                self._draining = True
+                self._drain_deadline = time.monotonic() + self.service.config.graceful_timeout
             self._lock.notify_all()
 
-    def close(self, wait: float = 0.0) -> None:
-        deadline = time.monotonic() + wait
+    def close(self) -> None:
+        deadline = self._drain_deadline
         with self._lock:
             self._draining = True
             while self._running and time.monotonic() < deadline:

@@ -133,7 +133,7 @@ class RedisQueue:
     def drain(self) -> None:
         self._draining = True
 
-    def close(self, wait: float = 0.0) -> None:
+    def close(self) -> None:
         self._draining = True
         self.connection.close()
 
