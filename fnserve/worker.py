@@ -59,6 +59,7 @@ from .queue.rq import (
     HEARTBEAT_TTL,
     JOB_FUNCTION,
     connect,
+    find_abandoned,
     make_rq_queue,
 )
 from .service import InvocationRequest, Service
@@ -67,7 +68,8 @@ log = logging.getLogger("fnserve.worker")
 
 METRICS_ROUTES = ("/metrics", "/stats", "/healthz")
 HEALTHY_WITHIN = 60.0  # /healthz: 503 when Redis has not answered a heartbeat for this long
-SCHEDULER_TICK = 1.0  # seconds between moves of due retries into the queue
+SCHEDULER_TICK = 1  # seconds between moves of due retries into the queue (an int: RQ
+# adds it to a lock TTL)
 
 
 class JobFailed(Exception):
@@ -289,15 +291,6 @@ class FnServeWorker(SimpleWorker):
 
     def _find_abandoned(self) -> None:
         find_abandoned(self.rq_queue)
-
-
-def find_abandoned(queue: Queue) -> None:
-    """Retry or fail the jobs whose worker stopped sending heartbeats (one cleaner at a time)."""
-    if queue.acquire_maintenance_lock():
-        try:
-            queue.started_job_registry.cleanup()
-        finally:
-            queue.release_maintenance_lock()  # type: ignore[no-untyped-call]
 
 
 def _utcnow() -> Any:

@@ -120,9 +120,9 @@ class RedisQueue:
             job = Job.fetch(request_id, connection=self.connection, serializer=JSONSerializer)
             status = job.get_status()
             if status == JobStatus.STARTED:
-                # nobody else may be looking: find a worker that died mid-job now
-                # (RQ retries the job or fails it), rather than at the next maintenance
-                self.queue.started_job_registry.cleanup()
+                # no worker may be left to look: find a worker that died mid-job now
+                # (RQ retries the job or fails it), rather than never
+                find_abandoned(self.queue)
                 status = job.get_status()
             return describe_job(job, status)
         except NoSuchJobError:
@@ -136,6 +136,15 @@ class RedisQueue:
     def close(self) -> None:
         self._draining = True
         self.connection.close()
+
+
+def find_abandoned(queue: Queue) -> None:
+    """Retry or fail the jobs whose worker stopped sending heartbeats (one cleaner at a time)."""
+    if queue.acquire_maintenance_lock():
+        try:
+            queue.started_job_registry.cleanup()
+        finally:
+            queue.release_maintenance_lock()  # type: ignore[no-untyped-call]
 
 
 def describe_job(job: Job, status: Any) -> dict[str, Any]:
