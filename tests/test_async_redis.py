@@ -210,11 +210,13 @@ def test_a_job_without_retries_fails_once(functions: Path, queue_url: str) -> No
 
 def _kill_with_its_functions(process: LiveServer) -> None:
     """SIGKILL a worker, as the OOM killer would; its function processes go too."""
-    for child in process.descendants():
+    children = process.descendants()
+    for child in children:
         child.kill()
     assert process.proc is not None
     process.proc.kill()
     process.proc.wait()
+    assert wait_until(lambda: all(process_gone(child.pid) for child in children), 10)
 
 
 def test_a_worker_killed_mid_job_loses_no_job(functions: Path, queue_url: str,
@@ -227,9 +229,12 @@ def test_a_worker_killed_mid_job_loses_no_job(functions: Path, queue_url: str,
         failed = server.post("/async-function/stuck_once", json={
             "gate": str(gate), "pid": str(tmp_path / "b.pid")}).json()["request_id"]
         first, second = worker(functions, queue_url), worker(functions, queue_url)
-        with first, second:
+        try:
+            first.start()
+            second.start()
             for request_id in (retried, failed):
                 job_when(server, request_id, "running")
+        finally:
             _kill_with_its_functions(first)
             _kill_with_its_functions(second)
         gate.write_text("open")
