@@ -304,3 +304,13 @@ def test_worker_usage_errors_are_one_line(functions: Path, environ: dict[str, st
     bad = fnserve_cli("worker", str(functions), "--queue", "amqp://x", env=environ)
     assert bad.returncode == 2 and b"not a Redis URL" in bad.stderr
 
+
+
+def test_a_request_id_in_use_is_a_409(functions: Path, queue_url: str) -> None:
+    with running(serve(functions, queue_url)) as server:
+        headers = {"X-Request-Id": "taken"}
+        assert server.post("/async-function/hello", headers=headers).status_code == 202
+        response = server.post("/async-function/hello", headers=headers)
+        assert response.status_code == 409
+        assert response.json()["code"] == "conflict"
+        assert server.get("/jobs/taken").json()["status"] == "queued"

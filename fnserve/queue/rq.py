@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Retry
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -99,8 +99,6 @@ class RedisQueue:
         spec = request.spec
         ttl = max(1, math.ceil(self.result_ttl))
         try:
-            if self.connection.exists(Job.key_for(request.request_id)):
-                raise JobExists(f"a job with request id {request.request_id!r} exists")
             self.queue.enqueue_call(
                 JOB_FUNCTION, args=(payload_of(request, callback_url),),
                 job_id=request.request_id,
@@ -109,7 +107,10 @@ class RedisQueue:
                 timeout=-1, result_ttl=ttl, failure_ttl=ttl,
                 description=f"fnserve {spec.name}",
                 meta={"function": spec.name, "enqueued_at": timestamp()},
-                retry=retry_of(spec.settings.retries))
+                retry=retry_of(spec.settings.retries),
+                unique=True)  # one Lua script: no second job can take the id meanwhile
+        except DuplicateJobError:
+            raise JobExists(f"a job with request id {request.request_id!r} exists") from None
         except RedisError as exc:
             log.error("cannot queue %s in Redis: %s", request.request_id, exc,
                       extra={"request_id": request.request_id, "function": spec.name})
