@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import signal
 from pathlib import Path
@@ -215,3 +216,22 @@ def test_jobs_waiting_at_shutdown_are_counted_as_lost(functions: Path, tmp_path:
     [stopped] = [r for r in server.log_records() if "jobs_lost" in r]
     assert stopped["jobs_lost"] == 3, stopped
     assert stopped["level"] == "WARNING"
+
+
+LAMBDA_ROUTES = importlib.util.find_spec("fnserve.api.lambda_") is not None
+
+
+@pytest.mark.skipif(not LAMBDA_ROUTES, reason="the Lambda API (issue 10) is not on this branch")
+def test_a_lambda_event_goes_through_the_queue(functions: Path) -> None:
+    with running(LiveServer(functions)) as server:
+        response = server.post("/2015-03-31/functions/hello/invocations",
+                               json={"name": "Lambda"},
+                               headers={"X-Amz-Invocation-Type": "Event"})
+        assert response.status_code == 202, response.text
+        request_id = response.headers["x-amzn-RequestId"]
+        job = job_when(server, request_id, "finished", "failed")
+    assert job["status"] == "finished", job
+    assert json.loads(job["result"])["hello"] == "Lambda"
+    [line] = [r for r in invocation_records(server.log_records())
+              if r.get("request_id") == request_id]
+    assert line["source"] == "async"
