@@ -44,7 +44,6 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
-from rq.timeouts import BaseDeathPenalty
 
 from .callbacks import CallbackSender
 from .config import Config
@@ -58,6 +57,7 @@ from .queue.rq import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_TTL,
     JOB_FUNCTION,
+    NoDeathPenalty,
     connect,
     find_abandoned,
     make_rq_queue,
@@ -78,16 +78,6 @@ class JobFailed(Exception):
 
 class WorkerStopped(Exception):
     """The worker stopped (SIGTERM) before the run ended; the job is put back."""
-
-
-class NoDeathPenalty(BaseDeathPenalty):
-    """RQ's alarm is off: the executor enforces the function's deadline."""
-
-    def setup_death_penalty(self) -> None:
-        pass
-
-    def cancel_death_penalty(self) -> None:
-        pass
 
 
 # -- the job ---------------------------------------------------------------------------

@@ -222,12 +222,13 @@ def _kill_with_its_functions(process: LiveServer) -> None:
 def test_a_worker_killed_mid_job_loses_no_job(functions: Path, queue_url: str,
                                               tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    with running(serve(functions, queue_url)) as server:
+    with CallbackReceiver() as receiver, running(serve(functions, queue_url)) as server:
         # `stuck` has retries = 1, `stuck_once` none
         retried = server.post("/async-function/stuck", json={
             "gate": str(gate), "pid": str(tmp_path / "a.pid")}).json()["request_id"]
         failed = server.post("/async-function/stuck_once", json={
-            "gate": str(gate), "pid": str(tmp_path / "b.pid")}).json()["request_id"]
+            "gate": str(gate), "pid": str(tmp_path / "b.pid")},
+            headers={"X-Callback-Url": receiver.url}).json()["request_id"]
         first, second = worker(functions, queue_url), worker(functions, queue_url)
         try:
             first.start()
@@ -243,6 +244,10 @@ def test_a_worker_killed_mid_job_loses_no_job(functions: Path, queue_url: str,
         job = job_when(server, failed, "failed", timeout=40)
         assert job["error"]["code"] == "worker_died", job
         assert "worker died" in job["error"]["error"]
+        [call] = receiver.wait_for(1)
+        assert call.headers["X-Request-Id"] == failed
+        assert call.headers["X-Function-Status"] == "503"
+        assert json.loads(call.body)["code"] == "worker_died"
         assert job_when(server, retried, "queued", timeout=40)["status"] == "queued"
         with running(worker(functions, queue_url)):
             job = job_when(server, retried, "finished", "failed")

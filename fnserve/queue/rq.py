@@ -14,6 +14,7 @@ with backoff) applies to it; the worker stores its error JSON in the job's meta.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -21,13 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from redis.exceptions import RedisError
+from rq import Callback as RQCallback
 from rq import Queue, Retry
-from rq.exceptions import DuplicateJobError, NoSuchJobError
+from rq.exceptions import AbandonedJobError, DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.timeouts import BaseDeathPenalty
 
+from ..callbacks import CallbackSender
 from ..errors import JobExists, QueueUnavailable, Unavailable
-from .jobs import FAILED, FINISHED, QUEUED, RUNNING, describe, timestamp
+from .jobs import FAILED, FINISHED, QUEUED, RUNNING, callback_for, describe, timestamp
 
 if TYPE_CHECKING:
     from ..service import InvocationRequest
@@ -44,6 +49,18 @@ HEARTBEAT_TTL = 15
 WORKER_DIED = ("worker died while running the job (no heartbeat for "
                f"{HEARTBEAT_TTL}s); it was not retried")
 CONNECT_TIMEOUT = 5.0
+ABANDONED_CALLBACK = "fnserve.queue.rq.on_abandoned"
+
+
+class NoDeathPenalty(BaseDeathPenalty):
+    """RQ's SIGALRM is never armed: deadlines are the executor's (it kills the process
+    group), and RQ's cleanup may run in a request thread, where no alarm can be set."""
+
+    def setup_death_penalty(self) -> None:
+        pass
+
+    def cancel_death_penalty(self) -> None:
+        pass
 
 
 def connect(url: str) -> Redis:
@@ -108,6 +125,8 @@ class RedisQueue:
                 description=f"fnserve {spec.name}",
                 meta={"function": spec.name, "enqueued_at": timestamp()},
                 retry=retry_of(spec.settings.retries),
+                # the worker sends the callback of a run; this one, of a dead worker's job
+                on_failure=RQCallback(ABANDONED_CALLBACK) if callback_url else None,
                 unique=True)  # one Lua script: no second job can take the id meanwhile
         except DuplicateJobError:
             raise JobExists(f"a job with request id {request.request_id!r} exists") from None
@@ -143,9 +162,30 @@ def find_abandoned(queue: Queue) -> None:
     """Retry or fail the jobs whose worker stopped sending heartbeats (one cleaner at a time)."""
     if queue.acquire_maintenance_lock():
         try:
-            queue.started_job_registry.cleanup()
+            StartedJobRegistry(queue=queue, serializer=JSONSerializer,
+                               death_penalty_class=NoDeathPenalty).cleanup()
         finally:
             queue.release_maintenance_lock()  # type: ignore[no-untyped-call]
+
+
+_abandoned_callbacks: CallbackSender | None = None
+
+
+def on_abandoned(job: Job, connection: Redis, exc_type: Any, exc_value: Any,
+                 traceback: Any) -> None:
+    """RQ's failure callback: a job whose worker died, not retried, tells its X-Callback-Url."""
+    global _abandoned_callbacks
+    if exc_type is not AbandonedJobError or job.retries_left:
+        return  # a run that failed (the worker sent its callback), or one to be retried
+    payload = job.args[0] if job.args else {}
+    url = payload.get("callback_url") if isinstance(payload, dict) else None
+    if not url:
+        return
+    body = json.dumps({"error": WORKER_DIED, "code": "worker_died", "request_id": job.id})
+    if _abandoned_callbacks is None:
+        _abandoned_callbacks = CallbackSender()
+    _abandoned_callbacks.send(callback_for(url, job.id, str(payload.get("function", "")),
+                                           503, body.encode(), "application/json", 0.0))
 
 
 def describe_job(job: Job, status: Any) -> dict[str, Any]:
