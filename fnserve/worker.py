@@ -39,10 +39,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import SimpleWorker
-from rq.exceptions import InvalidJobOperation, StopRequested
+from rq.exceptions import InvalidJobOperation, NoSuchJobError, StopRequested
 from rq.job import Job
 from rq.queue import Queue
-from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 
 from .callbacks import CallbackSender
@@ -68,8 +67,7 @@ log = logging.getLogger("fnserve.worker")
 
 METRICS_ROUTES = ("/metrics", "/stats", "/healthz")
 HEALTHY_WITHIN = 60.0  # /healthz: 503 when Redis has not answered a heartbeat for this long
-SCHEDULER_TICK = 1  # seconds between moves of due retries into the queue (an int: RQ
-# adds it to a lock TTL)
+SCHEDULER_TICK = 1.0  # seconds between moves of due retries into the queue
 
 
 class JobFailed(Exception):
@@ -114,8 +112,6 @@ class FnServeWorker(SimpleWorker):
         self._stop_signals = 0
         self._stopped_run = False
         self._ticker_stop = threading.Event()
-        self._scheduler = RQScheduler([queue], connection=connection,
-                                      serializer=JSONSerializer, interval=SCHEDULER_TICK)
 
     # RQ's hooks ------------------------------------------------------------------
 
@@ -274,10 +270,17 @@ class FnServeWorker(SimpleWorker):
             self.connection.ping()
 
     def _move_due_retries(self) -> None:
-        if not self._scheduler.acquired_locks or self._scheduler.should_reacquire_locks:
-            self._scheduler.acquire_locks()  # type: ignore[no-untyped-call]
-        if self._scheduler.acquired_locks:
-            self._scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
+        """Retries whose backoff is over go back to the queue. Not RQ's scheduler: its
+        lock outlives a killed worker by a minute, holding every retry back as long."""
+        registry = self.rq_queue.scheduled_job_registry
+        for job_id in registry.get_jobs_to_schedule(int(time.time())):
+            if not self.connection.zrem(registry.key, job_id):
+                continue  # another worker took it
+            try:
+                job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+            except NoSuchJobError:
+                continue
+            self.rq_queue._enqueue_job(job, at_front=job.should_enqueue_at_front())
 
     def _find_abandoned(self) -> None:
         find_abandoned(self.rq_queue)
