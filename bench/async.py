@@ -7,7 +7,9 @@ In one run, on a temporary functions directory with an exec no-op function
 
 1. enqueue: `fnserve serve --queue redis://...` with no worker running; --clients
    keep-alive clients POST --enqueue requests to /async-function/noop -> accepted/s
-   (goal >= 1,000/s) and latency;
+   (goal >= 1,000/s) and latency; then the same clients on GET /healthz, the HTTP
+   layer alone, as the ceiling on this machine; with wrk installed, both again
+   with wrk (whose client takes less of the 2 cores than Python threads do);
 2. end to end, for 1 and then 2 `fnserve worker` processes: --jobs jobs are queued
    first, then the workers start; once RQ's finished registry holds every job, the
    clock is the first job's start to the last job's end (RQ's own timestamps, so a
@@ -22,6 +24,7 @@ import argparse
 import http.client
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -66,8 +69,10 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, url
 
 
-def enqueue_load(port: int, total: int, clients: int) -> tuple[float, list[float], int]:
-    """`total` POSTs from `clients` keep-alive connections: (seconds, latencies, refused)."""
+def enqueue_load(port: int, total: int, clients: int, method: str = "POST",
+                 path: str = "/async-function/noop", ok: int = 202,
+                 ) -> tuple[float, list[float], int]:
+    """`total` requests from `clients` keep-alive connections: (seconds, latencies, refused)."""
     latencies: list[float] = []
     refused = [0]
     lock = threading.Lock()
@@ -78,12 +83,12 @@ def enqueue_load(port: int, total: int, clients: int) -> tuple[float, list[float
         mine = []
         for _ in range(count):
             started = time.perf_counter()
-            connection.request("POST", "/async-function/noop", body=b"{}",
+            connection.request(method, path, body=b"{}" if method == "POST" else None,
                                headers={"Content-Type": "application/json"})
             response = connection.getresponse()
             response.read()
             mine.append(time.perf_counter() - started)
-            if response.status != 202:
+            if response.status != ok:
                 with lock:
                     refused[0] += 1
         connection.close()
@@ -97,6 +102,26 @@ def enqueue_load(port: int, total: int, clients: int) -> tuple[float, list[float
     for thread in threads:
         thread.join()
     return time.perf_counter() - started, latencies, refused[0]
+
+
+def wrk_rate(port: int, path: str, method: str, seconds: float, connections: int,
+             script_dir: Path) -> tuple[float, int, str]:
+    """wrk (a C load generator: the client costs less CPU than Python's) for `seconds`:
+    (requests/s, non-2xx answers, wrk's latency line)."""
+    script = script_dir / f"{method.lower()}.lua"
+    script.write_text(f'wrk.method = "{method}"\n'
+                      + ('wrk.body = "{}"\nwrk.headers["Content-Type"] = "application/json"\n'
+                         if method == "POST" else ""))
+    wrk = shutil.which("wrk")
+    assert wrk is not None
+    output = subprocess.run(
+        [wrk, "-t", "2", "-c", str(connections), "-d", f"{seconds:g}s", "-s", str(script),
+         f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s*([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", output)
+    latency = next((line.strip() for line in output.splitlines()
+                    if line.strip().startswith("Latency")), "")
+    return rate, int(bad.group(1)) if bad else 0, latency
 
 
 def end_to_end(functions: Path, url: str, server: LiveServer, jobs: int,
@@ -143,6 +168,7 @@ def main() -> None:
     parser.add_argument("--enqueue", type=int, default=5000, help="requests for phase 1")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients, phase 1")
     parser.add_argument("--jobs", type=int, default=1000, help="jobs for phase 2")
+    parser.add_argument("--seconds", type=float, default=5.0, help="each wrk run, phase 1")
     args = parser.parse_args()
 
     temp = Path(tempfile.mkdtemp(prefix="fnserve-bench-async-"))
@@ -156,17 +182,27 @@ def main() -> None:
           f"{platform.platform()}")
     try:
         env = dict(os.environ)
-        with LiveServer(functions, "--queue", url, "--concurrency", "64",
-                        "--queue-size", str(args.enqueue + 1), env=env) as server:
+        with LiveServer(functions, "--queue", url, "--concurrency", "64", env=env) as server:
             seconds, latencies, refused = enqueue_load(server.port, args.enqueue, args.clients)
             rate = (args.enqueue - refused) / seconds
             latencies.sort()
             p50 = statistics.median(latencies) * 1000
             p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
             verdict = "met" if rate >= GOAL_ENQUEUE else "NOT met"
+            floor_seconds, _, _ = enqueue_load(server.port, args.enqueue, args.clients,
+                                               "GET", "/healthz", 200)
+            floor = args.enqueue / floor_seconds
             print(f"\nenqueue into Redis, {args.clients} clients, {args.enqueue} requests: "
                   f"{rate:,.0f}/s (goal >= {GOAL_ENQUEUE:,.0f}/s: {verdict}), "
                   f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, refused {refused}")
+            print(f"  the same client on GET /healthz (HTTP alone, no Redis): {floor:,.0f}/s; "
+                  f"load average {os.getloadavg()[0]:.1f}")
+            if shutil.which("wrk"):
+                for path, method in (("/async-function/noop", "POST"), ("/healthz", "GET")):
+                    rate, bad, latency = wrk_rate(server.port, path, method, args.seconds,
+                                                  args.clients, temp)
+                    print(f"  wrk -c {args.clients} {args.seconds:g}s, {method} {path}: "
+                          f"{rate:,.0f}/s, non-2xx {bad}; {latency}")
             results: dict[int, Any] = {}
             for workers in (1, 2):
                 results[workers] = end_to_end(functions, url, server, args.jobs, workers)
