@@ -295,6 +295,9 @@ def test_redis_down_is_a_503_not_a_hang(functions: Path) -> None:
         response = server.post("/async-function/hello", timeout=30)
         assert response.status_code == 503
         assert response.json()["code"] == "queue_unavailable"
+        assert response.headers["Retry-After"]
+        status = server.get("/jobs/anything", timeout=30)
+        assert status.status_code == 503 and status.json()["code"] == "queue_unavailable"
         assert server.post("/function/hello").status_code == 200  # sync calls go on
 
 

@@ -48,7 +48,7 @@ HEARTBEAT_INTERVAL = 5
 HEARTBEAT_TTL = 15
 WORKER_DIED = ("worker died while running the job (no heartbeat for "
                f"{HEARTBEAT_TTL}s); it was not retried")
-CONNECT_TIMEOUT = 5.0
+REDIS_TIMEOUT = 5.0  # connect and each command: a hung Redis is a 503, not a hung request
 ABANDONED_CALLBACK = "fnserve.queue.rq.on_abandoned"
 
 
@@ -64,8 +64,9 @@ class NoDeathPenalty(BaseDeathPenalty):
 
 
 def connect(url: str) -> Redis:
-    return Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT,
-                          health_check_interval=30)
+    # (RQ's worker raises socket_timeout above its blocking dequeue's own timeout)
+    return Redis.from_url(url, socket_connect_timeout=REDIS_TIMEOUT,
+                          socket_timeout=REDIS_TIMEOUT, health_check_interval=30)
 
 
 def make_rq_queue(connection: Redis) -> Queue:
