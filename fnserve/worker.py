@@ -23,7 +23,6 @@ serves /metrics, /stats and /healthz on --metrics-host (127.0.0.1 by default).
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import logging.config
 import os
@@ -31,11 +30,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import SimpleWorker
@@ -62,11 +59,10 @@ from .queue.rq import (
     make_rq_queue,
 )
 from .service import InvocationRequest, Service
+from .worker_http import serve_metrics
 
 log = logging.getLogger("fnserve.worker")
 
-METRICS_ROUTES = ("/metrics", "/stats", "/healthz")
-HEALTHY_WITHIN = 60.0  # /healthz: 503 when Redis has not answered a heartbeat for this long
 SCHEDULER_TICK = 1.0  # seconds between moves of due retries into the queue
 
 
@@ -297,54 +293,6 @@ def _error_line(outcome: Outcome) -> str:
     return f"{error.code}: {error}" if error is not None else outcome.outcome
 
 
-# -- /metrics, /stats, /healthz --------------------------------------------------------
-
-
-def _metrics_handler(worker: FnServeWorker) -> type[BaseHTTPRequestHandler]:
-    service = worker.service
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._send(200, generate_latest(service.metrics), CONTENT_TYPE_LATEST)
-            elif path == "/stats":
-                self._json(200, service.stats.snapshot())
-            elif path == "/healthz":
-                if service.draining:
-                    self._json(503, {"status": "draining"})
-                elif time.monotonic() - worker.last_contact > HEALTHY_WITHIN:
-                    self._json(503, {"status": "redis unreachable"})
-                else:
-                    self._json(200, {"status": "ok"})
-            else:
-                self._json(404, {"error": "not found", "code": "not_found"})
-
-        def _json(self, status: int, body: Any) -> None:
-            self._send(status, json.dumps(body).encode(), "application/json")
-
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # scrapes are not worth a log line each
-
-    return Handler
-
-
-def serve_metrics(worker: FnServeWorker, host: str, port: int) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), _metrics_handler(worker))
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="fnserve-worker-metrics",
-                     daemon=True).start()
-    log.info("worker metrics on http://%s:%d/metrics", host, server.server_address[1])
-    return server
-
-
 # -- the command ------------------------------------------------------------------------
 
 
@@ -366,8 +314,8 @@ def run_worker(config: Config, *, metrics_host: str = "127.0.0.1",
         log.warning(warning)
     worker = FnServeWorker(service, make_rq_queue(connection), connection)
     _current = worker
-    metrics = serve_metrics(worker, metrics_host, metrics_port) \
-        if metrics_port is not None else None
+    metrics = serve_metrics(service, lambda: worker.last_contact, metrics_host,
+                            metrics_port) if metrics_port is not None else None
     worker.start_ticker()
     if on_ready is not None:
         on_ready(worker)

@@ -103,7 +103,7 @@ def test_the_serve_probe_and_service_point_at_real_routes_and_ports(tmp_path: Pa
 
 
 def test_the_worker_probe_points_at_its_metrics_server() -> None:
-    from fnserve.worker import METRICS_ROUTES
+    from fnserve.worker_http import METRICS_ROUTES
 
     worker = container(deployment("worker"))
     metrics = port_named(worker, "metrics")
