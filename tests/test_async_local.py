@@ -235,3 +235,10 @@ def test_a_lambda_event_goes_through_the_queue(functions: Path) -> None:
     [line] = [r for r in invocation_records(server.log_records())
               if r.get("request_id") == request_id]
     assert line["source"] == "async"
+
+
+def test_ended_jobs_are_forgotten_after_the_result_ttl(functions: Path) -> None:
+    with running(LiveServer(functions, "--result-ttl", "1s")) as server:
+        request_id = server.post("/async-function/hello").json()["request_id"]
+        assert job_when(server, request_id, "finished")["http_status"] == 200
+        assert wait_until(lambda: server.get(f"/jobs/{request_id}").status_code == 404, 10)

@@ -322,3 +322,11 @@ def test_a_request_id_in_use_is_a_409(functions: Path, queue_url: str) -> None:
         assert response.status_code == 409
         assert response.json()["code"] == "conflict"
         assert server.get("/jobs/taken").json()["status"] == "queued"
+
+
+def test_results_expire_after_the_result_ttl(functions: Path, queue_url: str) -> None:
+    with running(serve(functions, queue_url, "--result-ttl", "2s")) as server, \
+            running(worker(functions, queue_url)):
+        request_id = server.post("/async-function/hello").json()["request_id"]
+        assert job_when(server, request_id, "finished")["http_status"] == 200
+        assert wait_until(lambda: server.get(f"/jobs/{request_id}").status_code == 404, 15)
