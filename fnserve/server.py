@@ -158,8 +158,8 @@ def post_worker_init(worker: Any) -> None:
             timer = threading.Timer(state.config.graceful_timeout, state.executor.kill_all)
             timer.daemon = True
             timer.start()
-            if "queue" in vars(state):  # made on first use (Service.queue)
-                state.queue.drain()
+            if state.started_queue is not None:
+                state.started_queue.drain()
         stop_gracefully(signum, frame)
 
     signal.signal(signal.SIGTERM, drain)
@@ -176,8 +176,8 @@ def worker_exit(server: Any, worker: Any) -> None:
     app = getattr(worker, "wsgi", None)
     if isinstance(app, Flask) and "fnserve" in app.extensions:
         service = get_state(app)
-        if "queue" in vars(service):  # running async jobs get the rest of the grace period
-            service.queue.close()
+        if service.started_queue is not None:  # running jobs get the rest of the grace
+            service.started_queue.close()
         service.executor.shutdown()
 
 

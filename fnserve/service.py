@@ -12,8 +12,8 @@ the same Outcome.
 
 from __future__ import annotations
 
-import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -102,6 +102,8 @@ class Service:
         self.metrics.register(StatsCollector(self.stats))
         self.draining = False
         self.listeners: list[Listener] = []
+        self._queue: JobQueue | None = None
+        self._queue_lock = threading.Lock()
 
     # -- the two ways in ------------------------------------------------------------
 
@@ -141,11 +143,19 @@ class Service:
             raise Unavailable("server is shutting down; retry on another instance")
         self.queue.enqueue(request, callback_url)
 
-    @functools.cached_property
+    @property
     def queue(self) -> JobQueue:
         """The async queue (fnserve/queue/): made on first use, so a server that never
         queues starts no queue thread and opens no Redis connection."""
-        return make_queue(self)
+        with self._queue_lock:  # two first requests at once must not make two queues
+            if self._queue is None:
+                self._queue = make_queue(self)
+            return self._queue
+
+    @property
+    def started_queue(self) -> JobQueue | None:
+        """The queue if anything made it, for the shutdown (never makes one)."""
+        return self._queue
 
     # -- the steps --------------------------------------------------------------------
 
