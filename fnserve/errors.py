@@ -98,6 +98,14 @@ class BuildFailed(FnServeError):
     message = "function does not build"
 
 
+class InitFailed(FnServeError):
+    """fork/warm mode (SPEC §8): the module does not import, or has no handler."""
+
+    status = 502
+    code = "init_failed"
+    message = "function failed to initialise"
+
+
 class FunctionTimeout(FnServeError):
     status = 504
     code = "timeout"

@@ -14,7 +14,9 @@ group kill; its pipes are closed on it after EXIT_GRACE.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import os
 import select
 import shutil
@@ -22,13 +24,13 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .context import Context, function_environment
 from .registry import FunctionSpec
-from .runtimes import BuildError, Runtime
+from .runtimes import BuildError, Runner, Runtime
 
 STDERR_TAIL = 64 * 1024
 MAX_STDERR_LINE = 16 * 1024
@@ -62,6 +64,11 @@ class Result:
     signal: int | None = None
     duration: float = 0.0  # seconds from spawn to reap
     error: str = ""  # build error or start failure, for the caller
+    # fork/warm (SPEC §8): what the handler raised, or why its module did not load
+    error_type: str = ""
+    error_message: str = ""
+    stack_trace: tuple[str, ...] = ()  # Python exception frames, as Lambda's stackTrace
+    max_rss_kb: int | None = None  # from os.wait4 where the process is reaped
 
     @property
     def ok(self) -> bool:
@@ -69,6 +76,23 @@ class Result:
 
 
 StderrSink = Callable[[Invocation, str], None]
+LineSink = StderrSink  # a handler's stdout lines (fork/warm) go to one of these too
+
+
+@dataclass
+class Job:
+    """One invocation as a mode runner (fork, warm) gets it: what process mode has at spawn."""
+
+    invocation: Invocation
+    context: Context  # stamped: the deadline as the function sees it
+    deadline: float  # time.monotonic()
+    run: Run  # attach a wake fd to hear a cancel from another thread
+    stderr: LineLog
+    stdout: LineLog
+    process_argv: Callable[[Sequence[str]], list[str]]  # the one argv builder (memory limit)
+
+    def environment(self) -> dict[str, str]:
+        return function_environment(self.context, self.invocation.base_env)
 
 
 class Run:
@@ -112,9 +136,11 @@ class Executor:
         runtimes: Mapping[str, Runtime],
         stderr_sink: StderrSink | None = None,
         stderr_log_limit: int | None = 1024 * 1024,
+        stdout_sink: LineSink | None = None,
     ) -> None:
         self.runtimes = runtimes
         self.stderr_sink = stderr_sink
+        self.stdout_sink = stdout_sink
         self.stderr_log_limit = stderr_log_limit
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fnserve-run")
         self._lock = threading.Lock()
@@ -190,6 +216,9 @@ class Executor:
         spec = invocation.spec
         if run.cancelled:
             return Result("cancelled", invocation.context)
+        runner = self.runtimes[spec.runtime].runner(spec)
+        if runner is not None:
+            return self._execute_with(runner, run)
         build_started = time.monotonic()
         try:
             command = self.runtimes[spec.runtime].command(spec)
@@ -204,7 +233,7 @@ class Executor:
         if run.cancelled:
             return Result("cancelled", invocation.context)
         context = invocation.context.started(remaining)
-        argv = self._with_memory_limit(command.argv, spec.settings.memory)
+        argv = self.process_argv(command.argv, spec)
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -234,6 +263,28 @@ class Executor:
             signal=-returncode if returncode < 0 else None,
             duration=duration,
         )
+
+    def _execute_with(self, runner: Runner, run: Run) -> Result:
+        """fork and warm modes: the runner owns the process; deadline, cancel and the
+        output cap hold as in process mode (it gets them in the Job)."""
+        invocation = run.invocation
+        remaining = invocation.deadline_at - time.monotonic()
+        if remaining <= 0:  # used up waiting in the queue
+            return Result("timeout", invocation.context.started(0.0))
+        context = invocation.context.started(remaining)
+        stderr = LineLog(invocation, self.stderr_sink, self.stderr_log_limit)
+        stdout = LineLog(invocation, self.stdout_sink, self.stderr_log_limit)
+        job = Job(invocation, context, invocation.deadline_at, run, stderr, stdout,
+                  functools.partial(self.process_argv, spec=invocation.spec))
+        result = runner.run(job)
+        stderr.close()
+        stdout.close()
+        return dataclasses.replace(result, stderr_tail=stderr.tail())
+
+    def process_argv(self, argv: Sequence[str], spec: FunctionSpec) -> list[str]:
+        """The argv that starts any process of `spec`: a process-mode run, a fork server or
+        a warm pool process. The one place a wrapper (memory limit, sandbox) is added."""
+        return self._with_memory_limit(tuple(argv), spec.settings.memory)
 
     def _with_memory_limit(self, argv: tuple[str, ...], memory: int | None) -> list[str]:
         if not memory:
@@ -455,3 +506,6 @@ class _StderrLines:
 
     def tail(self) -> bytes:
         return bytes(self._tail)
+
+
+LineLog = _StderrLines  # the name fork/warm runners use: stdout lines are logged the same way
