@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -12,6 +11,7 @@ from .config import build_environment, cache_dir
 from .context import base_environment, make_context
 from .errors import NotFound, UsageError
 from .executor import Executor, Invocation, Result, StderrSink
+from .outcome import parse_json
 from .registry import FunctionSpec, load_registry, spec_for_path
 from .runtimes import make_runtimes
 
@@ -44,7 +44,7 @@ def parse_event(data: str | bytes | None) -> bytes:
     if not raw.strip():
         return b"{}"
     try:
-        json.loads(raw)
+        parse_json(raw)
     except ValueError as exc:
         raise UsageError(f"--data is not valid JSON: {exc}") from None
     return raw
@@ -60,6 +60,7 @@ def run_function(
     timeout: float | None = None,
     environ: Mapping[str, str] | None = None,
     stderr_sink: StderrSink | None = None,
+    stdout_sink: StderrSink | None = None,
 ) -> Result:
     """Run one function once, through the same executor the server uses."""
     spec = target if isinstance(target, FunctionSpec) else resolve(target, directory)
@@ -72,7 +73,11 @@ def run_function(
                            parameters=parameters,
                            configured_env={**spec.settings.env, **(env or {})})
     executor = Executor(1, make_runtimes(cache_dir(environ), build_environment(environ)),
-                        stderr_sink=stderr_sink, stderr_log_limit=None)
+                        stderr_sink=stderr_sink, stderr_log_limit=None,
+                        stdout_sink=stdout_sink)
     invocation = Invocation(spec, context, event, time.monotonic() + deadline,
                             base_environment(environ))
-    return executor.run(invocation)
+    try:
+        return executor.run(invocation)
+    finally:  # fork/warm: the fork server or warm process started for this one call
+        executor.shutdown()

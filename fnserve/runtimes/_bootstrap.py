@@ -35,7 +35,7 @@ import time
 import traceback
 from typing import Any
 
-REQUEST = struct.Struct(">IIQ")  # context length, event length, max output
+REQUEST = struct.Struct(">IIIQ")  # context, client context, event lengths; max output
 RESPONSE = struct.Struct(">BIQ")  # kind, payload length, max RSS (KiB)
 READY, OK, ERROR, TOO_LARGE, INIT_FAILED = range(5)
 FORK_REPLY = struct.Struct(">i")  # the child's pid, or -errno
@@ -100,9 +100,11 @@ class Function:
         return json.dumps({"error_type": "HandlerNotFound", "error_message": message,
                            "stack_trace": []}).encode()
 
-    def invoke(self, frame: bytes, max_output: int, context_length: int) -> tuple[int, bytes]:
+    def invoke(self, frame: bytes, max_output: int, context_length: int,
+               client_length: int) -> tuple[int, bytes]:
         context_text = frame[:context_length].decode()
-        raw_event = frame[context_length:]
+        client_json = frame[context_length:context_length + client_length]
+        raw_event = frame[context_length + client_length:]
         data = json.loads(context_text)
         environ = dict(self.base_env)
         environ.update(data.get("env") or {})
@@ -115,7 +117,8 @@ class Function:
             event: Any = json.loads(raw_event) if raw_event else {}
         except ValueError:  # a text body: its text, as Lambda's runtime would not parse it
             event = raw_event.decode("utf-8", "replace")
-        context = LambdaContext(data, self.memory_mb, data.get("client_context"))
+        client_context = json.loads(client_json) if client_json else None
+        context = LambdaContext(data, self.memory_mb, client_context)
         try:
             value = self.handler(event, context)
             if isinstance(value, (bytes, bytearray, memoryview)):
@@ -172,11 +175,11 @@ def serve_one(function: Function, channel: socket.socket) -> bool:
     header = _recv_exact(channel, REQUEST.size)
     if header is None:
         return False
-    context_length, event_length, max_output = REQUEST.unpack(header)
-    frame = _recv_exact(channel, context_length + event_length)
+    context_length, client_length, event_length, max_output = REQUEST.unpack(header)
+    frame = _recv_exact(channel, context_length + client_length + event_length)
     if frame is None:
         return False
-    kind, payload = function.invoke(frame, max_output, context_length)
+    kind, payload = function.invoke(frame, max_output, context_length, client_length)
     _send_response(channel, kind, payload)
     return True
 

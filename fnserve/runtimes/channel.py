@@ -2,7 +2,8 @@
 
 The frame layout is repeated in _bootstrap.py (which runs in the function's own
 interpreter and imports nothing of fnserve): a request is REQUEST (context length,
-event length, max output) + the context JSON + the event; a response is RESPONSE
+client context length, event length, max output) + the context JSON + Lambda's
+client context as JSON (empty when none, SPEC §9) + the event; a response is RESPONSE
 (kind, payload length, max RSS) + the payload.
 
 `Exchange` is what _Communication is to process mode: it writes the request,
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..executor import Job, LineLog, Result
 
-REQUEST = struct.Struct(">IIQ")
+REQUEST = struct.Struct(">IIIQ")
 RESPONSE = struct.Struct(">BIQ")
 READY, OK, ERROR, TOO_LARGE, INIT_FAILED = range(5)
 BOOTSTRAP = Path(__file__).with_name("_bootstrap.py")
@@ -59,8 +60,11 @@ class Reply:
 
 def request_frame(job: Job) -> bytes:
     context = job.context.to_json().encode()
+    client = job.invocation.client_context
+    client_json = b"" if client is None else json.dumps(client).encode()
     event = job.invocation.event
-    return REQUEST.pack(len(context), len(event), job.invocation.max_output) + context + event
+    return (REQUEST.pack(len(context), len(client_json), len(event), job.invocation.max_output)
+            + context + client_json + event)
 
 
 def bootstrap_argv(python: str, mode: str, entry: Path, handler: str | None, memory: int | None,
