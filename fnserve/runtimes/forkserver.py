@@ -159,6 +159,8 @@ class ForkRunner:
         finally:
             status, rss = self._finish(server, child)
         duration = time.monotonic() - started
+        if why == "exited" and self._closed:  # killed by the shutdown, not by its own doing
+            why = "cancelled"
         return outcome_result(job, why, reply, duration, returncode=status, max_rss_kb=rss)
 
     def _finish(self, server: Booted, child: _Child) -> tuple[int | None, int | None]:
