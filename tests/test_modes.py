@@ -504,7 +504,7 @@ def test_shutdown_leaves_no_process(fn_dir: Path, runtimes: dict[str, Runtime],
     assert handle.result(timeout=10).outcome == "cancelled"
     assert wait_until(lambda: not bootstrap_processes(), timeout=10)
     assert all(process_gone(p.pid) for p in started)
-    assert process_gone(grandchild)
+    assert wait_until(lambda: process_gone(grandchild), timeout=5)
 
 
 def test_fork_children_run_side_by_side(fn_dir: Path, tmp_path: Path,
