@@ -98,14 +98,23 @@ class Job:
 
 
 class Run:
-    """A submitted invocation: its future, and cancel() for another thread."""
+    """A submitted invocation: its future, and cancel() for another thread.
+
+    An inline run (fork/warm: its runner only waits on descriptors) executes in the
+    first thread that asks for its result, with no hand-off to a pool thread; that
+    call returns when the run is done, whatever its timeout: the run's own deadline
+    and a cancel bound it, and a hangup of `hangup_fd` (the client's socket, set by
+    the caller) cancels it.
+    """
 
     def __init__(self, invocation: Invocation) -> None:
         self.invocation = invocation
         self.future: Future[Result] = Future()
+        self.hangup_fd = -1
         self._lock = threading.Lock()
         self._cancelled = False
         self._wake_fd = -1
+        self._inline: Callable[[Run], None] | None = None
 
     def cancel(self) -> None:
         with self._lock:
@@ -118,6 +127,11 @@ class Run:
         return self._cancelled
 
     def result(self, timeout: float | None = None) -> Result:
+        if self._inline is not None:
+            with self._lock:
+                execute, self._inline = self._inline, None
+            if execute is not None:
+                execute(self)
         return self.future.result(timeout)
 
     def _attach(self, wake_fd: int) -> bool:
@@ -155,10 +169,16 @@ class Executor:
 
     # -- public API -------------------------------------------------------------
 
-    def submit(self, invocation: Invocation) -> Run:
+    def submit(self, invocation: Invocation, inline: bool = False) -> Run:
+        """Queue it on the pool. `inline`: the caller waits for the result at once, so a
+        run that needs no thread of its own (fork/warm) runs in the caller's thread."""
         run = Run(invocation)
         with self._lock:
             self._active.add(run)
+        spec = invocation.spec
+        if inline and self.runtimes[spec.runtime].runner(spec) is not None:
+            run._inline = self._run_into_future
+            return run
         try:
             self._pool.submit(self._run_into_future, run)
         except RuntimeError:  # pool shut down: the server is stopping

@@ -584,3 +584,20 @@ def test_fnserve_run_and_list_honour_the_mode(fn_dir: Path, environ: dict[str, s
     failed = fnserve_cli("run", "counter", "--dir", str(fn_dir), env=environ)
     assert failed.returncode == 1
     assert "KeyError" in failed.stderr.decode()
+
+
+def test_warm_handler_changing_os_environ_does_not_leak_into_the_next_call(
+        fn_dir: Path, executor: Executor) -> None:
+    write_function(fn_dir, "setenv.py", """
+        import os
+
+        def handler(event, context):
+            seen = os.environ.get("LEAKED")
+            os.environ["LEAKED"] = "yes"
+            os.environ["PATH"] = "/nowhere"
+            return [seen, os.environ.get("FN_REQUEST_ID")]
+    """)
+    fn = spec(fn_dir, "setenv", "warm", pool=1)
+    assert body(run(executor, fn, request_id="x-1")) == [None, "x-1"]
+    second = run(executor, fn, request_id="x-2")
+    assert body(second) == [None, "x-2"]

@@ -79,7 +79,7 @@ class Exchange:
 
     def __init__(self, channel_fd: int, pidfd: int, output_fds: tuple[int, int],
                  logs: tuple[LineLog | None, LineLog | None], deadline: float,
-                 max_output: int, wake_fd: int = -1) -> None:
+                 max_output: int, wake_fd: int = -1, hangup_fd: int = -1) -> None:
         self.channel_fd = channel_fd
         self.pidfd = pidfd
         self.out_fd, self.err_fd = output_fds
@@ -87,6 +87,7 @@ class Exchange:
         self.deadline = deadline
         self.max_output = max_output
         self.wake_fd = wake_fd
+        self.hangup_fd = hangup_fd  # the client's socket: its hangup is a cancel
         self.buffer = bytearray()
         self.expected = -1
         self.exited = False
@@ -101,6 +102,8 @@ class Exchange:
                 poller.register(fd, _POLL_IN)
         if self.pidfd >= 0:
             poller.register(self.pidfd, select.POLLIN)
+        if self.hangup_fd >= 0:
+            poller.register(self.hangup_fd, select.POLLRDHUP)
         pending = memoryview(request)
         while True:
             now = time.monotonic()
@@ -132,7 +135,7 @@ class Exchange:
                     reply = self._reply()
                     self.drain_output()
                     return (None, reply) if reply is not None else ("exited", None)
-                elif fd == self.wake_fd:
+                elif fd == self.wake_fd or fd == self.hangup_fd:
                     return "cancelled", None
                 elif not self._read_output(fd):
                     poller.unregister(fd)
@@ -214,7 +217,8 @@ class Booted:
                  max_output: int | None = None) -> tuple[str | None, Reply | None]:
         cap = job.invocation.max_output if max_output is None else max_output
         return Exchange(self.channel.fileno(), self.pidfd, (self.out_fd, self.err_fd),
-                        (job.stdout, job.stderr), job.deadline, cap, wake_fd).run(request)
+                        (job.stdout, job.stderr), job.deadline, cap, wake_fd,
+                        job.run.hangup_fd).run(request)
 
     def alive(self) -> bool:
         return not select.select([self.pidfd], [], [], 0)[0]
