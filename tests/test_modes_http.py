@@ -6,8 +6,10 @@ warm process, fork child, grandchild) is left after the stop.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import psutil
 import pytest
 import requests
 
-from .helpers import process_gone, wait_until, write_function, write_toml
+from .helpers import process_gone, read_pid, wait_until, write_function, write_toml
 from .live import LiveServer, invocation_records, running
 
 SEED = """
@@ -55,6 +57,13 @@ TOML = """
     mode = "warm"
     pool = 1
     timeout = "1s"
+
+    [functions.whang]
+    mode = "warm"
+    pool = 1
+
+    [functions.fhang]
+    mode = "fork"
 """
 
 
@@ -79,6 +88,17 @@ def write_functions(directory: Path) -> None:
                 time.sleep(30)
             return os.getpid()
     """)
+    hang = """
+        import os, subprocess, time
+
+        def handler(event, context):
+            child = subprocess.Popen(["sleep", "60"])
+            with open(event["pidfile"], "w") as f:
+                f.write(f"{child.pid}\\n")
+            time.sleep(60)
+    """
+    write_function(directory, "whang.py", hang)
+    write_function(directory, "fhang.py", hang)
     write_toml(directory, TOML)
 
 
@@ -256,3 +276,30 @@ def test_fork_children_are_not_left_as_zombies(server: LiveServer) -> None:
 
     assert wait_until(lambda: not zombies(), timeout=5), zombies()
     assert os.path.exists(f"/proc/{servers[0].pid}")
+
+
+@pytest.mark.parametrize("name", ["whang", "fhang"])
+def test_client_disconnect_kills_the_invocation(server: LiveServer, tmp_path: Path,
+                                                name: str) -> None:
+    """The run executes in the request thread, which watches the client's socket."""
+    pidfile = tmp_path / "grandchild"
+    request_id = f"gone-{name}"
+    event = json.dumps({"pidfile": str(pidfile)})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+        client.sendall(
+            f"POST /function/{name} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"X-Request-Id: {request_id}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(event)}\r\n\r\n{event}".encode())
+        grandchild = read_pid(pidfile, timeout=20)
+    assert wait_until(lambda: process_gone(grandchild), timeout=10)
+
+    def line() -> list[dict[str, Any]]:
+        return [r for r in invocation_records(server.log_records())
+                if r.get("request_id") == request_id]
+
+    records = wait_until(line, 10)
+    assert len(records) == 1 and (records[0]["status"], records[0]["outcome"]) == \
+        (499, "cancelled")
+    if name == "whang":  # the pool's only process was replaced and serves again
+        again = server.post("/function/whang", json={"pidfile": "/nonexistent/x"})
+        assert again.status_code == 502 and again.json()["error_type"] == "FileNotFoundError"

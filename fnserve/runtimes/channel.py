@@ -221,7 +221,7 @@ class Booted:
                         job.run.hangup_fd).run(request)
 
     def alive(self) -> bool:
-        return not select.select([self.pidfd], [], [], 0)[0]
+        return not readable(self.pidfd, 0.0)
 
     def close_output(self) -> None:
         for fd in (self.out_fd, self.err_fd):
@@ -292,6 +292,13 @@ def boot(job: Job, mode: str, wake_fd: int) -> tuple[Booted | None, Result | Non
                          f"({describe_status(returncode)})"}
     return None, Result("init_failed", job.context, duration=duration,
                         error=f"{fields['error_type']}: {fields['error_message']}", **fields)
+
+
+def readable(fd: int, timeout: float) -> bool:
+    """poll, not select: a descriptor number may be past select's 1024 in a busy server."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def describe_status(returncode: int) -> str:

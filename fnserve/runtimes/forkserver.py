@@ -16,7 +16,6 @@ the invocations it was serving.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import threading
@@ -24,7 +23,15 @@ import time
 from typing import TYPE_CHECKING
 
 from ..registry import FunctionSpec
-from .channel import Booted, Reply, attach_cancel, boot, outcome_result, request_frame
+from .channel import (
+    Booted,
+    Reply,
+    attach_cancel,
+    boot,
+    outcome_result,
+    readable,
+    request_frame,
+)
 
 if TYPE_CHECKING:
     from ..executor import Job, Result
@@ -170,7 +177,7 @@ class ForkRunner:
                 _killpg(child.pid)
             else:
                 signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
-            select.select([child.pidfd], [], [], EXIT_WAIT)
+            readable(child.pidfd, EXIT_WAIT)
             try:
                 answer = self._ask(server, b"W" + child.pid.to_bytes(4, "big", signed=True),
                                    [], REAP_REPLY_SIZE)
