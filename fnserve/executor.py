@@ -301,7 +301,8 @@ class Executor:
         result = runner.run(job)
         stderr.close()
         stdout.close()
-        return dataclasses.replace(result, stderr_tail=stderr.tail())
+        tail = stderr.tail()
+        return dataclasses.replace(result, stderr_tail=tail) if tail else result
 
     def process_argv(self, argv: Sequence[str], spec: FunctionSpec) -> list[str]:
         """The argv that starts any process of `spec`: a process-mode run, a fork server or

@@ -410,8 +410,9 @@ def test_warm_process_killed_from_outside_is_replaced(fn_dir: Path, executor: Ex
     assert second["pid"] != first["pid"] and second["count"] == 1
 
 
-def test_warm_process_dying_mid_invocation_is_a_502_and_replaced(
-        fn_dir: Path, executor: Executor) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_process_dying_mid_invocation_is_a_502_with_its_signal(
+        fn_dir: Path, executor: Executor, mode: str) -> None:
     write_function(fn_dir, "crash.py", """
         import os, signal
 
@@ -420,7 +421,7 @@ def test_warm_process_dying_mid_invocation_is_a_502_and_replaced(
                 os.kill(os.getpid(), signal.SIGKILL)
             return os.getpid()
     """)
-    fn = spec(fn_dir, "crash", "warm", pool=1)
+    fn = spec(fn_dir, "crash", mode, pool=1)
     before = body(run(executor, fn))
     died = run(executor, fn, b'{"die": true}')
     assert died.outcome == "failed" and died.signal == signal.SIGKILL

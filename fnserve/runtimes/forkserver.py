@@ -127,6 +127,13 @@ class ForkRunner:
             pass
         server.kill()
 
+    def _tell(self, server: Booted, message: bytes) -> None:
+        try:
+            with self._control_lock:
+                server.channel.send(message)
+        except OSError:
+            pass  # the fork server is gone; its children went with it
+
     def _ask(self, server: Booted, message: bytes, fds: list[int], size: int) -> bytes:
         try:
             with self._control_lock:
@@ -161,22 +168,33 @@ class ForkRunner:
             child.close()
             return outcome_result(job, "exited", None, 0.0, returncode=1)
         started = time.monotonic()
+        why: str | None = "exited"
+        reply: Reply | None = None
         try:
             why, reply = child.exchange(job, wake_fd)
         finally:
-            status, rss = self._finish(server, child)
+            status, rss = self._finish(server, child, need_status=why is not None)
         duration = time.monotonic() - started
         if why == "exited" and self._closed:  # killed by the shutdown, not by its own doing
             why = "cancelled"
         return outcome_result(job, why, reply, duration, returncode=status, max_rss_kb=rss)
 
-    def _finish(self, server: Booted, child: _Child) -> tuple[int | None, int | None]:
-        """Kill what is left of the child's group, let the fork server reap it: its status."""
+    def _finish(self, server: Booted, child: _Child,
+                need_status: bool) -> tuple[int | None, int | None]:
+        """Kill what is left of the child's group, then let the fork server reap it.
+
+        `need_status` (no answer came: how did it end?) waits for the exit status;
+        otherwise "w" tells the fork server to reap it when it has exited, without
+        an answer: the hot path waits neither for the child's teardown nor for the
+        fork server."""
         try:
             if server.alive():  # else it may have been reaped by init: no group kill then
                 _killpg(child.pid)
             else:
                 signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
+            if not need_status:
+                self._tell(server, b"w" + child.pid.to_bytes(4, "big", signed=True))
+                return None, None
             readable(child.pidfd, EXIT_WAIT)
             try:
                 answer = self._ask(server, b"W" + child.pid.to_bytes(4, "big", signed=True),
