@@ -1,8 +1,10 @@
 """Python modes benchmark (SPEC §8): process vs fork vs warm, and functions-framework. By hand.
 
-    .venv/bin/python bench/modes.py [--duration 10] [--concurrency 8] [--ff-python PATH]
+    .venv/bin/python bench/modes.py [--rounds 3] [--duration 5] [--concurrency 8]
+                                    [--ff-python PATH]
 
-One run, on a temporary functions directory, wrk at concurrency 8 (POST `{}`):
+One run, on a temporary functions directory, wrk at concurrency 8 (POST `{}`), in
+rounds (each phase in turn, then again; the figures pool the rounds):
 1. `hello` (a seed-style handler) in process, fork and warm mode behind one
    `fnserve serve` (default settings);
 2. `heavy` (the same handler importing json, email.mime.text, http.client,
@@ -114,8 +116,10 @@ def serve_functions_framework(python: str, source: Path) -> tuple[subprocess.Pop
     raise RuntimeError("functions-framework did not start")
 
 
-def load(name: str, port: int, path: str, args: argparse.Namespace, script: Path) -> Load:
-    wrk_load(name + " (warm-up)", port, path, args.concurrency, args.warmup, script)
+def load(name: str, port: int, path: str, args: argparse.Namespace, script: Path,
+         warmup: bool) -> Load:
+    if warmup:
+        wrk_load(name + " (warm-up)", port, path, args.concurrency, args.warmup, script)
     result = wrk_load(name, port, path, args.concurrency, args.duration, script)
     print("  " + result.line(), flush=True)
     return result
@@ -185,7 +189,9 @@ def warm_overhead(fn_dir: Path, blocks: int, per_block: int) -> dict[str, float]
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase (10)")
+    parser.add_argument("--duration", type=float, default=5.0,
+                        help="seconds per phase per round (5)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, pooled (3)")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds first (2)")
     parser.add_argument("--concurrency", type=int, default=8, help="wrk connections (8)")
     parser.add_argument("--ff-python", help="interpreter of a venv with functions-framework")
@@ -212,28 +218,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     script.write_text(WRK_SCRIPT)
 
     print(f"python {platform.python_version()}, {os.cpu_count()} cpus, "
-          f"{platform.platform()}, c={args.concurrency}, {args.duration:g}s per phase",
-          flush=True)
-    results: dict[str, Load] = {}
+          f"{platform.platform()}, c={args.concurrency}, {args.rounds} rounds of "
+          f"{args.duration:g}s per phase, load average {os.getloadavg()}", flush=True)
+    rounds: dict[str, list[Load]] = {}
     server = LiveServer(fn_dir)
+    ff: subprocess.Popen[bytes] | None = None
     try:
         server.start()
-        for name in ("hello", "fhello", "whello", "heavy", "fheavy"):
-            results[name] = load(f"fnserve {name}", server.port, f"/function/{name}", args,
-                                 script)
-        server.stop()
         # not in serve.CHILDREN: wrk_load stops those after each wrk run
-        ff, port = serve_functions_framework(ff_python, ff_source)
-        try:
-            results["ff"] = load("functions-framework hello", port, "/", args, script)
-        finally:
-            os.killpg(ff.pid, signal.SIGTERM)
-            ff.wait(timeout=30)
+        ff, ff_port = serve_functions_framework(ff_python, ff_source)
+        phases = [(f"fnserve {name}", server.port, f"/function/{name}")
+                  for name in ("hello", "fhello", "whello", "heavy", "fheavy")]
+        phases.append(("functions-framework hello", ff_port, "/"))
+        # the phases of a round follow each other and rounds repeat, so each phase sees
+        # the same (shared, busy) machine over the run; the figures pool every round
+        for index in range(args.rounds):
+            print(f"round {index + 1}/{args.rounds}", flush=True)
+            for name, port, path in phases:
+                rounds.setdefault(name, []).append(
+                    load(name, port, path, args, script, warmup=index == 0))
+        server.stop()
         overhead = warm_overhead(fn_dir, args.overhead_blocks, args.overhead_per_block)
     finally:
+        if ff is not None:
+            os.killpg(ff.pid, signal.SIGTERM)
+            ff.wait(timeout=30)
         if server.proc is not None and server.proc.poll() is None:
             server.kill()
         _kill_and_reap_everything()
+    print(f"== {args.rounds} rounds pooled ==")
+    results = {}
+    for name, loads in rounds.items():
+        pooled = Load.pool(name, loads)
+        print(pooled.line())
+        print(f"{'':25}per round: req/s {pooled.extra['rounds_rps']}")
+        results[name.split()[-1] if name.startswith("fnserve") else "ff"] = pooled
 
     fork_hello = results["fhello"].rps / results["hello"].rps
     fork_heavy = results["fheavy"].rps / results["heavy"].rps
@@ -249,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     for text, met in goals:
         print(f"{text}: {'MET' if met else 'missed'}")
+    print(f"load average at the end {os.getloadavg()}")
     return 0 if all(met for _, met in goals) else 1
 
 

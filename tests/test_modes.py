@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -602,3 +604,42 @@ def test_warm_handler_changing_os_environ_does_not_leak_into_the_next_call(
     assert body(run(executor, fn, request_id="x-1")) == [None, "x-1"]
     second = run(executor, fn, request_id="x-2")
     assert body(second) == [None, "x-2"]
+
+
+class SandboxedExecutor(Executor):
+    """The executor with a bwrap PID namespace around every process it starts, through
+    the one argv hook a sandbox uses (`process_argv`): a fork server then numbers its
+    children in its own namespace, and the worker must still kill the right group."""
+
+    def process_argv(self, argv: Sequence[str], spec: FunctionSpec) -> list[str]:
+        return ["bwrap", "--unshare-pid", "--dev-bind", "/", "/", "--die-with-parent", "--",
+                *super().process_argv(argv, spec)]
+
+
+def _bwrap_works() -> bool:
+    if not shutil.which("bwrap"):
+        return False
+    done = subprocess.run(["bwrap", "--unshare-pid", "--dev-bind", "/", "/", "true"],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.sandbox
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_in_a_pid_namespace(fn_dir: Path, tmp_path: Path, runtimes: dict[str, Runtime],
+                                  mode: str) -> None:
+    if not _bwrap_works():
+        pytest.skip("bwrap is missing or cannot make a PID namespace here")
+    write_function(fn_dir, "sleeper.py", SLEEPER)
+    fn = spec(fn_dir, "sleeper", mode, pool=1)
+    executor = SandboxedExecutor(2, runtimes)
+    try:
+        inner = [body(run(executor, fn, b'{"quick": true}')) for _ in range(2)]
+        assert all(pid < 100 for pid in inner), inner  # numbered inside the namespace
+        pidfile = tmp_path / "grandchild"
+        result = run(executor, fn, json.dumps({"pidfile": str(pidfile)}).encode(), timeout=1.0)
+        assert result.outcome == "timeout"
+        assert body(run(executor, fn, b'{"quick": true}')) > 0
+    finally:
+        executor.shutdown()
+    assert wait_until(lambda: not bootstrap_processes(), timeout=10), bootstrap_processes()

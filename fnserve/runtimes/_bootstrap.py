@@ -40,7 +40,7 @@ from typing import Any
 REQUEST = struct.Struct(">IIIQ")  # context, client context, event lengths; max output
 RESPONSE = struct.Struct(">BIQ")  # kind, payload length, max RSS (KiB)
 READY, OK, ERROR, TOO_LARGE, INIT_FAILED = range(5)
-FORK_REPLY = struct.Struct(">i")  # the child's pid, or -errno
+FORK_REPLY = struct.Struct(">i")  # the child's pid (ours), or -errno; + its pidfd (SCM_RIGHTS)
 REAP = struct.Struct(">i")
 REAP_REPLY = struct.Struct(">iQ")  # wait status, max RSS (KiB)
 PR_SET_PDEATHSIG = 1
@@ -207,13 +207,17 @@ def serve_one(function: Function, channel: socket.socket) -> bool:
     return True
 
 
-def _die_with_parent(parent: int) -> None:
-    """SIGKILL when the process that started us dies, so nothing outlives the server."""
+def _die_with_parent(parent: int | None) -> None:
+    """SIGKILL when the process that started us dies, so nothing outlives the server.
+
+    `parent`, when known, closes the window before the prctl. A bootstrap's own
+    parent may be a wrapper in another PID namespace (bwrap): no check there; its
+    channel closing (EOF) ends it too."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:  # it died before the prctl
+    if parent is not None and os.getppid() != parent:  # it died before the prctl
         os._exit(1)
 
 
@@ -253,7 +257,8 @@ class ForkServer:
                 self.stop()
                 return
             if message[:1] == b"F" and len(fds) == 3:
-                self.control.send(FORK_REPLY.pack(self.fork(fds)))
+                pid = self.fork(fds)
+                self.send_fork_reply(pid)
                 continue
             for fd in fds:
                 os.close(fd)
@@ -292,6 +297,22 @@ class ForkServer:
             self.children.add(pid)
         return pid
 
+    def send_fork_reply(self, pid: int) -> None:
+        """The pid as we see it, and a pidfd of the child: in a sandbox's PID namespace
+        the worker cannot use our pid numbers, but it can use the pidfd (and read its
+        own number for the child from it)."""
+        pidfd = -1
+        if pid > 0:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                pidfd = -1
+        try:
+            socket.send_fds(self.control, [FORK_REPLY.pack(pid)], [pidfd] if pidfd >= 0 else [])
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
     def reap_exited(self) -> None:
         for pid in list(self.reapable):
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
@@ -319,7 +340,8 @@ class ForkServer:
 
 def main(argv: list[str]) -> int:
     mode, entry, handler_name, memory_mb, parent, channel_fd = argv[1:7]
-    _die_with_parent(int(parent))
+    del parent  # kept in the argv for `ps`: which worker started this process
+    _die_with_parent(None)
     function = Function(entry, "" if handler_name == "-" else handler_name, int(memory_mb))
     channel = socket.socket(fileno=int(channel_fd))
     failure = function.load()

@@ -134,6 +134,22 @@ class ForkRunner:
         except OSError:
             pass  # the fork server is gone; its children went with it
 
+    def _ask_fork(self, server: Booted, fds: list[int]) -> tuple[bytes, int]:
+        """"F" with the child's descriptors: its pid as the fork server sees it, and a
+        pidfd of it (our only handle on it when the fork server is in a PID namespace)."""
+        try:
+            with self._control_lock:
+                socket.send_fds(server.channel, [b"F"], fds)
+                answer, pidfds, _flags, _addr = socket.recv_fds(server.channel,
+                                                                FORK_REPLY_SIZE, 1)
+        except OSError:
+            answer, pidfds = b"", []
+        if len(answer) != FORK_REPLY_SIZE:
+            for fd in pidfds:
+                os.close(fd)
+            raise ForkServerGone()
+        return answer, pidfds[0] if pidfds else -1
+
     def _ask(self, server: Booted, message: bytes, fds: list[int], size: int) -> bytes:
         try:
             with self._control_lock:
@@ -152,7 +168,7 @@ class ForkRunner:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            answer = self._ask(server, b"F", [theirs.fileno(), out_w, err_w], FORK_REPLY_SIZE)
+            answer, pidfd = self._ask_fork(server, [theirs.fileno(), out_w, err_w])
         except ForkServerGone:
             ours.close()
             for fd in (out_r, err_r):
@@ -163,8 +179,10 @@ class ForkRunner:
             os.close(out_w)
             os.close(err_w)
         pid = int.from_bytes(answer, "big", signed=True)
-        child = _Child(pid, ours, out_r, err_r)
-        if pid <= 0:
+        child = _Child(pid, pidfd, ours, out_r, err_r)
+        if pid <= 0 or child.pidfd < 0:
+            if pid > 0:  # no handle on it: it gets EOF on its channel, exits, is reaped
+                self._tell(server, b"w" + pid.to_bytes(4, "big", signed=True))
             child.close()
             return outcome_result(job, "exited", None, 0.0, returncode=1)
         started = time.monotonic()
@@ -189,7 +207,7 @@ class ForkRunner:
         fork server."""
         try:
             if server.alive():  # else it may have been reaped by init: no group kill then
-                _killpg(child.pid)
+                _killpg(child.group)
             else:
                 signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
             if not need_status:
@@ -213,14 +231,18 @@ class ForkRunner:
 
 
 class _Child:
-    """One forked invocation: its pid, pidfd, channel and output pipes."""
+    """One forked invocation: its pidfd, channel and output pipes. `pid` is its number
+    in the fork server's PID namespace (for "W"), `group` in ours (for the group kill):
+    they differ when the fork server runs in a sandbox."""
 
-    def __init__(self, pid: int, channel: socket.socket, out_fd: int, err_fd: int) -> None:
+    def __init__(self, pid: int, pidfd: int, channel: socket.socket, out_fd: int,
+                 err_fd: int) -> None:
         self.pid = pid
+        self.pidfd = pidfd
+        self.group = _pid_of(pidfd) or pid
         self.channel = channel
         self.out_fd = out_fd
         self.err_fd = err_fd
-        self.pidfd = os.pidfd_open(pid) if pid > 0 else -1
         for fd in (channel.fileno(), out_fd, err_fd):
             os.set_blocking(fd, False)
 
@@ -244,6 +266,21 @@ def _killpg(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _pid_of(pidfd: int) -> int | None:
+    """The pid a pidfd refers to, as this process's PID namespace numbers it."""
+    if pidfd < 0:
+        return None
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", "rb") as info:
+            for line in info:
+                if line.startswith(b"Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _returncode(status: int) -> int:
