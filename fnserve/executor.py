@@ -36,6 +36,7 @@ from .runtimes import BuildError, Runner, Runtime
 STDERR_TAIL = 64 * 1024
 MAX_STDERR_LINE = 16 * 1024
 READ_CHUNK = 64 * 1024
+INLINE_WAIT_SLICE = 0.05  # seconds between looks at a cancel while waiting for a slot
 EXIT_GRACE = 0.2  # seconds an exited function's leftover pipe holders get before we stop reading
 DEFAULT_MAX_OUTPUT = 6 * 1024 * 1024
 # a fixed search path: the memory wrapper must not depend on the caller's PATH
@@ -159,6 +160,8 @@ class Executor:
         self.stdout_sink = stdout_sink
         self.stderr_log_limit = stderr_log_limit
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fnserve-run")
+        # inline runs hold no pool thread: --workers bounds them with these slots
+        self._inline_slots = threading.BoundedSemaphore(workers)
         self._lock = threading.Lock()
         self._active: set[Run] = set()
         # The memory limit is RLIMIT_DATA set by util-linux prlimit, which then execs
@@ -177,7 +180,7 @@ class Executor:
             self._active.add(run)
         spec = invocation.spec
         if inline and self.runtimes[spec.runtime].runner(spec) is not None:
-            run._inline = self._run_into_future
+            run._inline = self._run_inline
             return run
         try:
             self._pool.submit(self._run_into_future, run)
@@ -219,6 +222,21 @@ class Executor:
     def _forget(self, run: Run) -> None:
         with self._lock:
             self._active.discard(run)
+
+    def _run_inline(self, run: Run) -> None:
+        """In the caller's thread, once one of --workers slots is free (waiting counts
+        against the deadline, as in the pool's queue)."""
+        while not self._inline_slots.acquire(timeout=INLINE_WAIT_SLICE):
+            if run.cancelled or time.monotonic() >= run.invocation.deadline_at:
+                outcome = "cancelled" if run.cancelled else "timeout"
+                if run.future.set_running_or_notify_cancel():
+                    run.future.set_result(Result(outcome, run.invocation.context.started(0.0)))
+                self._forget(run)
+                return
+        try:
+            self._run_into_future(run)
+        finally:
+            self._inline_slots.release()
 
     def _run_into_future(self, run: Run) -> None:
         if not run.future.set_running_or_notify_cancel():

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -436,8 +437,9 @@ def test_fork_server_killed_from_outside_is_started_again(fn_dir: Path,
     write_function(fn_dir, "counter.py", COUNTER)
     fn = spec(fn_dir, "counter", "fork")
     body(run(executor, fn))
+    # the answered child is killed and reaped without the call waiting for it
+    assert wait_until(lambda: len(bootstrap_processes()) == 1, timeout=5)
     servers = bootstrap_processes()
-    assert len(servers) == 1
     servers[0].kill()
     assert wait_until(lambda: not bootstrap_processes(), timeout=5)
     assert body(run(executor, fn))["count"] == 1
@@ -643,3 +645,34 @@ def test_modes_in_a_pid_namespace(fn_dir: Path, tmp_path: Path, runtimes: dict[s
     finally:
         executor.shutdown()
     assert wait_until(lambda: not bootstrap_processes(), timeout=10), bootstrap_processes()
+
+
+def test_workers_bound_fork_and_warm_runs_in_the_callers_thread(
+        fn_dir: Path, runtimes: dict[str, Runtime]) -> None:
+    """An inline run (the synchronous path) holds no pool thread, but --workers still
+    bounds how many run at once: the second waits, within its deadline."""
+    write_function(fn_dir, "nap.py", """
+        import pathlib, time
+
+        def handler(event, context):
+            pathlib.Path(event["marker"]).write_text("running\\n")
+            time.sleep(event["seconds"])
+            return "done"
+    """)
+    fn = spec(fn_dir, "nap", "warm", pool=2)
+    executor = Executor(1, runtimes)
+    markers = [fn_dir.parent / "first", fn_dir.parent / "second"]
+    try:
+        first = executor.submit(invocation(fn, json.dumps(
+            {"marker": str(markers[0]), "seconds": 2}).encode()), inline=True)
+        waiter = threading.Thread(target=first.result)
+        waiter.start()
+        assert wait_until(markers[0].exists, timeout=10)
+        second = executor.submit(invocation(fn, json.dumps(
+            {"marker": str(markers[1]), "seconds": 0}).encode(), timeout=0.5), inline=True)
+        assert second.result().outcome == "timeout"
+        assert not markers[1].exists()
+        waiter.join(timeout=20)
+        assert first.result().outcome == "ok"
+    finally:
+        executor.shutdown()
