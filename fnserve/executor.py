@@ -94,9 +94,6 @@ class Job:
     stdout: LineLog
     process_argv: Callable[[Sequence[str]], list[str]]  # the one argv builder (memory limit)
 
-    def environment(self) -> dict[str, str]:
-        return function_environment(self.context, self.invocation.base_env)
-
 
 class Run:
     """A submitted invocation: its future, and cancel() for another thread.
