@@ -19,11 +19,12 @@ from typing import Any
 import psutil
 import pytest
 
+from fnserve.config import build_environment, cache_dir
 from fnserve.context import function_environment
 from fnserve.errors import ConfigError
 from fnserve.executor import Executor, Result
 from fnserve.registry import FunctionSpec, Settings, load_registry
-from fnserve.runtimes import Runtime
+from fnserve.runtimes import Runtime, make_runtimes
 from fnserve.runtimes.channel import BOOTSTRAP
 
 from .helpers import (
@@ -676,3 +677,26 @@ def test_workers_bound_fork_and_warm_runs_in_the_callers_thread(
         assert first.result().outcome == "ok"
     finally:
         executor.shutdown()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_new_process_runs_the_saved_source_not_a_stale_pyc(
+        fn_dir: Path, runtimes: dict[str, Runtime], environ: dict[str, str],
+        mode: str) -> None:
+    """A save of the same size within the same second leaves __pycache__ looking valid
+    (its check is mtime in seconds + size): the module is compiled from its source."""
+    path = write_function(fn_dir, "greet.py", 'def handler(event, context):\n    return "v1"\n')
+    fn = spec(fn_dir, "greet", mode)
+    first = Executor(1, runtimes)
+    try:
+        assert body(run(first, fn)) == "v1"
+    finally:
+        first.shutdown()
+    stamp = path.stat()
+    path.write_text('def handler(event, context):\n    return "v2"\n')
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    second = Executor(1, make_runtimes(cache_dir(environ), build_environment(environ)))
+    try:
+        assert body(run(second, fn)) == "v2"
+    finally:
+        second.shutdown()

@@ -91,7 +91,12 @@ class Function:
                 raise ImportError(f"cannot load {self.entry}")
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
-            spec.loader.exec_module(module)
+            # compiled from its source, never from __pycache__: as `python FILE` runs its
+            # __main__, and a save within the same second as the last one, of the same
+            # size, would otherwise run the old bytecode (the .pyc check is mtime + size)
+            with open(self.entry, "rb") as source:
+                code = compile(source.read(), self.entry, "exec")
+            exec(code, module.__dict__)
         except BaseException as exc:  # a module that raises SystemExit fails to init too
             traceback.print_exc()
             return _error_payload(exc, ())
