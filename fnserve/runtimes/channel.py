@@ -95,8 +95,10 @@ class Exchange:
     def run(self, request: bytes = b"") -> tuple[str | None, Reply | None]:
         """(None, reply); or (why, None): "exited", "timeout", "cancelled",
         "output_too_large". `request` is written first, while watching the rest."""
+        # a small request fits the socket buffer: written at once, no poll round for it
+        pending = self._write(memoryview(request)) if request else memoryview(b"")
         poller = select.poll()
-        poller.register(self.channel_fd, _POLL_IN | (select.POLLOUT if request else 0))
+        poller.register(self.channel_fd, _POLL_IN | (select.POLLOUT if pending else 0))
         for fd in (self.out_fd, self.err_fd, self.wake_fd):
             if fd >= 0:
                 poller.register(fd, _POLL_IN)
@@ -104,7 +106,6 @@ class Exchange:
             poller.register(self.pidfd, select.POLLIN)
         if self.hangup_fd >= 0:
             poller.register(self.hangup_fd, select.POLLRDHUP)
-        pending = memoryview(request)
         while True:
             now = time.monotonic()
             if now >= self.deadline:
