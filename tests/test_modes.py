@@ -590,6 +590,10 @@ def test_fnserve_run_and_list_honour_the_mode(fn_dir: Path, environ: dict[str, s
     failed = fnserve_cli("run", "counter", "--dir", str(fn_dir), env=environ)
     assert failed.returncode == 1
     assert "KeyError" in failed.stderr.decode()
+    write_toml(fn_dir, '[functions.counter]\nmode = "warm"\n')
+    write_function(fn_dir, "counter.py", "def handler(e, c):\n    return e\n")
+    warm = fnserve_cli("run", "counter", "--dir", str(fn_dir), "--data", '"hi"', env=environ)
+    assert (warm.returncode, warm.stdout) == (0, b'"hi"'), warm.stderr
 
 
 def test_warm_handler_changing_os_environ_does_not_leak_into_the_next_call(
