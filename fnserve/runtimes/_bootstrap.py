@@ -212,14 +212,20 @@ def serve_one(function: Function, channel: socket.socket) -> bool:
     return True
 
 
+_prctl: Any = None
+
+
 def _die_with_parent(parent: int | None) -> None:
     """SIGKILL when the process that started us dies, so nothing outlives the server.
 
     `parent`, when known, closes the window before the prctl. A bootstrap's own
     parent may be a wrapper in another PID namespace (bwrap): no check there; its
     channel closing (EOF) ends it too."""
+    global _prctl
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if _prctl is None:  # loaded once in the fork server, before its children inherit it
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
     if parent is not None and os.getppid() != parent:  # it died before the prctl

@@ -213,6 +213,7 @@ class Booted:
         self.out_fd = out_fd
         self.err_fd = err_fd
         self.served = 0
+        self.same_pid_namespace: bool | None = None  # a fork server's: unknown until a fork
 
     def exchange(self, job: Job, wake_fd: int, request: bytes = b"",
                  max_output: int | None = None) -> tuple[str | None, Reply | None]:

@@ -179,7 +179,9 @@ class ForkRunner:
             os.close(out_w)
             os.close(err_w)
         pid = int.from_bytes(answer, "big", signed=True)
-        child = _Child(pid, pidfd, ours, out_r, err_r)
+        child = _Child(pid, pidfd, ours, out_r, err_r, server.same_pid_namespace)
+        if server.same_pid_namespace is None and pid > 0 and child.pidfd >= 0:
+            server.same_pid_namespace = child.in_our_namespace  # read /proc once per server
         if pid <= 0 or child.pidfd < 0:
             if pid > 0:  # no handle on it: it gets EOF on its channel, exits, is reaped
                 self._tell(server, b"w" + pid.to_bytes(4, "big", signed=True))
@@ -236,10 +238,15 @@ class _Child:
     they differ when the fork server runs in a sandbox."""
 
     def __init__(self, pid: int, pidfd: int, channel: socket.socket, out_fd: int,
-                 err_fd: int) -> None:
+                 err_fd: int, same_pid_namespace: bool | None) -> None:
         self.pid = pid
         self.pidfd = pidfd
-        self.group = _pid_of(pidfd) or pid
+        self.group = pid
+        self.in_our_namespace = bool(same_pid_namespace)
+        if not same_pid_namespace:
+            ours, nested = _pid_of(pidfd)
+            self.group = ours or pid
+            self.in_our_namespace = ours == pid and not nested
         self.channel = channel
         self.out_fd = out_fd
         self.err_fd = err_fd
@@ -268,19 +275,24 @@ def _killpg(pgid: int) -> None:
         pass
 
 
-def _pid_of(pidfd: int) -> int | None:
-    """The pid a pidfd refers to, as this process's PID namespace numbers it."""
+def _pid_of(pidfd: int) -> tuple[int | None, bool]:
+    """The pid a pidfd refers to as our PID namespace numbers it, and whether the
+    process lives in a namespace below ours (its NSpid line has more than one pid)."""
+    pid: int | None = None
+    nested = True
     if pidfd < 0:
-        return None
+        return pid, nested
     try:
         with open(f"/proc/self/fdinfo/{pidfd}", "rb") as info:
             for line in info:
                 if line.startswith(b"Pid:"):
-                    pid = int(line.split()[1])
-                    return pid if pid > 0 else None
+                    number = int(line.split()[1])
+                    pid = number if number > 0 else None
+                elif line.startswith(b"NSpid:"):
+                    nested = len(line.split()) > 2
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    return pid, nested
 
 
 def _returncode(status: int) -> int:
