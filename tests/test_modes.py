@@ -6,6 +6,7 @@ that none of them is left.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -704,3 +705,15 @@ def test_a_new_process_runs_the_saved_source_not_a_stale_pyc(
         assert body(run(second, fn)) == "v2"
     finally:
         second.shutdown()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lambda_client_context_reaches_the_handler(fn_dir: Path, executor: Executor,
+                                                  mode: str) -> None:
+    write_function(fn_dir, "client.py", """
+        def handler(event, context):
+            return [context.client_context, "client_context" in context]
+    """)
+    fn = spec(fn_dir, "client", mode)
+    call = dataclasses.replace(invocation(fn), client_context={"custom": {"k": "v"}})
+    assert body(executor.run(call)) == [{"custom": {"k": "v"}}, False]
