@@ -330,3 +330,31 @@ def test_results_expire_after_the_result_ttl(functions: Path, queue_url: str) ->
         request_id = server.post("/async-function/hello").json()["request_id"]
         assert job_when(server, request_id, "finished")["http_status"] == 200
         assert wait_until(lambda: server.get(f"/jobs/{request_id}").status_code == 404, 15)
+
+
+HANDLER = """
+def handler(event, context):
+    return {"mode": event.get("mode"), "request_id": context["request_id"]}
+"""
+
+
+def test_a_worker_runs_fork_and_warm_functions(functions: Path, queue_url: str) -> None:
+    write_function(functions, "forked.py", HANDLER)
+    write_function(functions, "warmed.py", HANDLER)
+    toml = (functions / "fnserve.toml").read_text()
+    write_toml(functions, toml + """
+        [functions.forked]
+        mode = "fork"
+
+        [functions.warmed]
+        mode = "warm"
+        pool = 1
+    """)
+    with running(serve(functions, queue_url)) as server, \
+            running(worker(functions, queue_url)):
+        ids = {mode: server.post(f"/async-function/{name}", json={"mode": mode}).json()[
+            "request_id"] for mode, name in (("fork", "forked"), ("warm", "warmed"))}
+        for mode, request_id in ids.items():
+            job = job_when(server, request_id, "finished", "failed")
+            assert job["status"] == "finished", job
+            assert json.loads(job["result"]) == {"mode": mode, "request_id": request_id}
