@@ -65,6 +65,9 @@ def create_app(config: Config, registry: Registry | None = None) -> Flask:
     # redirect to another name (set before the routes: each rule copies it when added)
     app.url_map.merge_slashes = False
     _add_routes(app, state)
+    from .api.jobs import blueprint as jobs_blueprint  # it uses this module's request checks
+
+    app.register_blueprint(jobs_blueprint)
     return app
 
 
@@ -124,6 +127,7 @@ def _wait(run: Run, environ: dict[str, Any]) -> Result:
     try:
         if sock is None:  # flask run, test client: no socket to watch
             return run.result()
+        run.hangup_fd = sock.fileno()  # an inline run watches it itself
         while True:
             try:
                 return run.result(timeout=DISCONNECT_POLL)

@@ -126,6 +126,43 @@ def _serve(config: Config) -> None:
         raise CliError(str(exc)) from None
 
 
+WORKER_OPTIONS = ("queue", "timeout", "max-output", "pass-env", "graceful-timeout", "log-format")
+
+
+def _worker_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([o for o in OPTIONS if o.name in WORKER_OPTIONS]):
+        command = click.option(f"--{option.name}", option.field, default=None,
+                               multiple=option.multiple, metavar=option.metavar,
+                               help=option.help)(command)
+    return click.argument("directory", required=False, metavar="DIR")(command)
+
+
+@main.command()
+@_worker_options
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+              help="Serve /metrics, /stats and /healthz on this port (default: none).")
+@click.option("--metrics-host", default="127.0.0.1", metavar="HOST",
+              help="Address of the --metrics-port server.")
+def worker(directory: str | None, metrics_port: int | None, metrics_host: str,
+           **flags: Any) -> None:
+    """Run the async jobs queued in Redis (--queue) for the functions in DIR."""
+    config = _config(directory, flags, dev=False)
+    if not config.queue:
+        raise CliError("fnserve worker needs --queue redis://HOST:PORT/DB "
+                       "(or FNSERVE_QUEUE)")
+    try:
+        from .worker import run_worker
+    except ImportError as exc:
+        raise CliError(f"fnserve worker needs the redis extra (pip install "
+                       f"'fnserve[redis]'): {exc}") from None
+    try:
+        run_worker(config, metrics_host=metrics_host, metrics_port=metrics_port)
+    except FnServeError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:  # the metrics port is taken
+        raise CliError(f"fnserve worker: {exc}") from None
+
+
 def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     pairs = {}
     for value in values:
@@ -181,7 +218,8 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
     try:
         result = run_function(spec, event, parameters=_pairs(param, "--param"),
                               env=_pairs(env, "--env"), timeout=seconds,
-                              stderr_sink=echo_stderr, max_output=output_limit)
+                              stderr_sink=echo_stderr, stdout_sink=echo_stderr,
+                              max_output=output_limit)
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGNAL_BASE + 2)
     except OSError as exc:  # FnServe's own trouble (an unwritable cache): say it in a line
@@ -241,12 +279,12 @@ def list_functions(directory: str) -> None:
     if not rows:
         click.echo(f"no functions in {directory}")
         return
-    table = [("NAME", "RUNTIME", "TIMEOUT", "MEMORY", "STATUS")] + [
-        (r["name"], r["runtime"], r["timeout"] or "-", r["memory"] or "-",
+    table = [("NAME", "RUNTIME", "MODE", "TIMEOUT", "MEMORY", "STATUS")] + [
+        (r["name"], r["runtime"], r["mode"] or "-", r["timeout"] or "-", r["memory"] or "-",
          r["status"] if r["status"] == "ok" else f"error: {r['error']}")
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
-        cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
-        click.echo("  ".join([*cells, row[4].splitlines()[0] if row[4] else ""]))
+        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
+        click.echo("  ".join([*cells, row[5].splitlines()[0] if row[5] else ""]))
