@@ -197,8 +197,10 @@ def test_list_shows_the_timeout_that_applies(fn_dir: Path, env: dict[str, str]) 
     write_function(fn_dir, "plain.py", "print(1)\n")
     write_function(fn_dir, "quick.py", "print(1)\n")
     write_toml(fn_dir, "[functions.quick]\ntimeout = '2s'\n")
-    rows = fnserve_cli("list", str(fn_dir), env=env).stdout.decode().splitlines()
-    table = {row.split()[0]: row.split()[2] for row in rows[1:]}
+    rows = [row.split() for row in
+            fnserve_cli("list", str(fn_dir), env=env).stdout.decode().splitlines()]
+    column = rows[0].index("TIMEOUT")
+    table = {row[0]: row[column] for row in rows[1:]}
     assert table == {"plain": "30s", "quick": "2s"}  # as GET /functions shows them
     with running(LiveServer(fn_dir)) as server:
         listed = {f["name"]: f["timeout"] for f in server.get("/functions").json()["functions"]}
