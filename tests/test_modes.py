@@ -585,8 +585,8 @@ def test_fnserve_run_and_list_honour_the_mode(fn_dir: Path, environ: dict[str, s
     assert done.stderr.decode().splitlines() == ["imported", "called"]
     listed = fnserve_cli("list", str(fn_dir), env=environ)
     assert listed.stdout.decode().split() == ["NAME", "RUNTIME", "MODE", "TIMEOUT", "MEMORY",
-                                              "STATUS", "counter", "python", "fork", "-", "-",
-                                              "ok"]
+                                              "STATUS", "counter", "python", "fork", "30s",
+                                              "-", "ok"]  # the timeout that applies (issue 8)
     write_function(fn_dir, "counter.py", "def handler(e, c):\n    raise KeyError('k')\n")
     failed = fnserve_cli("run", "counter", "--dir", str(fn_dir), env=environ)
     assert failed.returncode == 1
