@@ -35,6 +35,8 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GOCACHE", _go_build_cache(os.environ))
         patch.setenv("XDG_CACHE_HOME", str(xdg))
+        # the invocation history's default file: never the developer's ~/.local/share
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
         yield xdg
 
 
@@ -47,6 +49,7 @@ def environ(tmp_path: Path, isolated_cache: Path) -> dict[str, str]:
     env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "GOCACHE")
            if key in os.environ}
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
+    env["XDG_DATA_HOME"] = str(tmp_path / "xdg-data")
     return env
 
 
@@ -88,28 +91,36 @@ def executor(runtimes: dict[str, Runtime], stderr_lines: StderrLines) -> Iterato
     pool.shutdown()
 
 
-# -- CI must run the Go tests, never skip them -------------------------------------
+# -- CI must run the tests of real services, never skip them -------------------------
 
-_go_tests = {"ran": 0, "skipped": 0}
+# a test with one of these markers needs a tool or service (Go toolchain, a browser, ...):
+# skipped on a developer's machine without it, a failure of the run in CI
+REQUIRED_IN_CI = ("go", "browser")
+_required = {marker: {"ran": 0, "skipped": 0} for marker in REQUIRED_IN_CI}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if "go" not in report.keywords:
-        return
-    if report.skipped:
-        _go_tests["skipped"] += 1
-    elif report.when == "call":
-        _go_tests["ran"] += 1
+    for marker, counts in _required.items():
+        if marker not in report.keywords:
+            continue
+        if report.skipped:
+            counts["skipped"] += 1
+        elif report.when == "call":
+            counts["ran"] += 1
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # .ci/run sets CI: a machine without a Go toolchain must fail there, not pass quietly
-    collected_go = any("go" in item.keywords for item in session.items)
-    if os.environ.get("CI") and collected_go and (_go_tests["skipped"] or not _go_tests["ran"]):
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    # .ci/run sets CI: a machine without the tool must fail there, not pass quietly
+    if not os.environ.get("CI"):
+        return
+    for marker, counts in _required.items():
+        collected = any(marker in item.keywords for item in session.items)
+        if collected and (counts["skipped"] or not counts["ran"]):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    terminalreporter.write_line(
-        f"go tests: {_go_tests['ran']} ran, {_go_tests['skipped']} skipped"
-        + (" (CI: skipped Go tests fail the run)" if os.environ.get("CI") else ""))
+    for marker, counts in _required.items():
+        terminalreporter.write_line(
+            f"{marker} tests: {counts['ran']} ran, {counts['skipped']} skipped"
+            + (f" (CI: skipped {marker} tests fail the run)" if os.environ.get("CI") else ""))
