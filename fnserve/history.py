@@ -244,7 +244,8 @@ def _migrate(connection: sqlite3.Connection, path: Path) -> None:
 
 
 def _from_row(row: sqlite3.Row) -> Record:
-    values = {name: row[name] for name in row.keys() if name != "seq"}
+    values = dict(zip(row.keys(), row, strict=True))  # a Row iterates over its values
+    values.pop("seq", None)
     values["parameters"] = json.loads(values.get("parameters") or "{}")
     values["request_truncated"] = bool(values.get("request_truncated"))
     values["response_truncated"] = bool(values.get("response_truncated"))
@@ -282,7 +283,7 @@ class HistoryStore:
              summary: bool = False) -> tuple[list[Record | dict[str, Any]], str | None]:
         """Newest first; `next` is the request id to pass as `before` for the next page."""
         limit = max(1, min(limit, MAX_LIMIT))
-        where, args = [], []  # type: ignore[var-annotated]
+        where, args = [], []
         if function:
             where.append("function = ?")
             args.append(function)
