@@ -20,12 +20,13 @@ when it is opened, and one written by a newer FnServe is refused.
 from __future__ import annotations
 
 import atexit
+import builtins
 import json
 import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -280,10 +281,21 @@ class HistoryStore:
 
     def list(self, *, function: str | None = None, outcome: str | None = None,
              limit: int = DEFAULT_LIMIT, before: str | None = None,
-             summary: bool = False) -> tuple[list[Record | dict[str, Any]], str | None]:
+             ) -> tuple[list[Record], str | None]:
         """Newest first; `next` is the request id to pass as `before` for the next page."""
+        rows, following = self._page("*", function, outcome, limit, before)
+        return [_from_row(row) for row in rows], following
+
+    def summaries(self, limit: int = DEFAULT_LIMIT) -> builtins.list[dict[str, Any]]:
+        """The newest invocations without their bodies (the dashboard's live list)."""
+        rows, _ = self._page(", ".join(_SUMMARY), None, None, limit, None)
+        return [{name: row[name] for name in _SUMMARY} for row in rows]
+
+    def _page(self, columns: str, function: str | None, outcome: str | None, limit: int,
+              before: str | None) -> tuple[builtins.list[sqlite3.Row], str | None]:
         limit = max(1, min(limit, MAX_LIMIT))
-        where, args = [], []
+        where: builtins.list[str] = []
+        args: builtins.list[Any] = []
         if function:
             where.append("function = ?")
             args.append(function)
@@ -298,17 +310,13 @@ class HistoryStore:
                     return [], None
                 where.append("seq < ?")
                 args.append(row[0])
-            columns = ", ".join(_SUMMARY) if summary else "*"
             sql = (f"SELECT {columns} FROM invocations"
                    f"{' WHERE ' + ' AND '.join(where) if where else ''}"
                    " ORDER BY seq DESC LIMIT ?")
             rows = connection.execute(sql, (*args, limit + 1)).fetchall()
         more = len(rows) > limit
         rows = rows[:limit]
-        found: list[Record | dict[str, Any]] = [
-            {name: row[name] for name in _SUMMARY} if summary else _from_row(row)
-            for row in rows]
-        return found, (rows[-1]["request_id"] if more else None)
+        return rows, (rows[-1]["request_id"] if more else None)
 
     def get(self, request_id: str) -> Record | None:
         with self._connection() as connection:
@@ -378,8 +386,10 @@ class HistoryWriter:
         self._thread.start()
         atexit.register(self.close)  # a worker's sys.exit: what is queued is written
 
-    def submit(self, record: Record) -> bool:
-        """Queue a record; False (and counted) when the writer is behind or closed."""
+    def submit(self, record: Record | Callable[[], Record]) -> bool:
+        """Queue a record, or a callable that makes one on the writer's thread (so the
+        caller does not pay for redacting and cutting); False, and counted, when the
+        writer is behind or closed."""
         if not self._closed:
             try:
                 self._queue.put_nowait(record)
@@ -414,7 +424,7 @@ class HistoryWriter:
         try:
             while True:
                 item = self._queue.get()
-                batch: list[Record] = []
+                batch: list[Record | Callable[[], Record]] = []
                 events: list[threading.Event] = []
                 stop = False
                 while True:
@@ -439,11 +449,19 @@ class HistoryWriter:
         finally:
             self._connection.close()
 
-    def _write(self, batch: list[Record]) -> None:
+    def _write(self, batch: list[Record | Callable[[], Record]]) -> None:
+        records = []
+        for item in batch:
+            try:
+                records.append(item() if callable(item) else item)
+            except Exception:  # one bad record must not cost the others
+                log.exception("history: cannot make a record")
+                with self._lock:
+                    self.dropped += 1
         try:
-            write_batch(self._connection, batch, self.max_records)
-            self.written += len(batch)
+            write_batch(self._connection, records, self.max_records)
+            self.written += len(records)
         except sqlite3.Error as exc:  # a full disk, a file removed: drop, say so, go on
             with self._lock:
-                self.dropped += len(batch)
-            log.warning("history: %d records dropped: %s", len(batch), exc)
+                self.dropped += len(records)
+            log.warning("history: %d records dropped: %s", len(records), exc)

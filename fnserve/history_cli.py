@@ -61,7 +61,7 @@ def history(function: str | None, outcome: str | None, limit: int, as_json: bool
         records, following = _store(path).list(function=function, outcome=outcome, limit=limit)
     except HistoryError as exc:
         raise CliError(str(exc)) from None
-    rows = [r for r in records if isinstance(r, Record)]
+    rows = records
     if as_json:
         click.echo(json.dumps({"invocations": [r.to_json() for r in rows], "next": following},
                               indent=2))

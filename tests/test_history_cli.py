@@ -94,9 +94,9 @@ def test_replay_runs_it_again_in_the_recorded_directory(
     assert done.stderr.startswith(b"replayed ")
     replays, _ = store.list(limit=1)
     replayed = replays[0]
-    assert replayed.source == "replay" and replayed.replay_of == "req-0"  # type: ignore[union-attr]
-    assert replayed.request_id != "req-0"  # type: ignore[union-attr]
-    assert replayed.response == done.stdout  # type: ignore[union-attr]
+    assert replayed.source == "replay" and replayed.replay_of == "req-0"
+    assert replayed.request_id != "req-0"
+    assert replayed.response == done.stdout
 
 
 def test_replay_with_dir_and_exit_status(fn_dir: Path, tmp_path: Path,

@@ -51,7 +51,7 @@ def test_forty_records_from_eight_threads(tmp_path: Path) -> None:
     writer.close()
     records, following = HistoryStore(path).list(limit=100)
     assert following is None
-    assert sorted(r.request_id for r in records) == sorted(f"req-{n}" for n in range(40))  # type: ignore[union-attr]
+    assert sorted(r.request_id for r in records) == sorted(f"req-{n}" for n in range(40))
     assert writer.dropped == 0
 
 
@@ -60,15 +60,15 @@ def test_newest_first_filters_and_pages(tmp_path: Path) -> None:
     store.insert([record(n, function="a" if n % 2 else "b",
                          outcome="failed" if n % 3 == 0 else "ok") for n in range(10)])
     page, following = store.list(limit=4)
-    assert [r.request_id for r in page] == ["req-9", "req-8", "req-7", "req-6"]  # type: ignore[union-attr]
+    assert [r.request_id for r in page] == ["req-9", "req-8", "req-7", "req-6"]
     assert following == "req-6"
     page, following = store.list(limit=4, before=following)
-    assert [r.request_id for r in page] == ["req-5", "req-4", "req-3", "req-2"]  # type: ignore[union-attr]
+    assert [r.request_id for r in page] == ["req-5", "req-4", "req-3", "req-2"]
     page, following = store.list(limit=4, before=following)
-    assert [r.request_id for r in page] == ["req-1", "req-0"]  # type: ignore[union-attr]
+    assert [r.request_id for r in page] == ["req-1", "req-0"]
     assert following is None
     page, _ = store.list(function="a", outcome="failed")
-    assert [r.request_id for r in page] == ["req-9", "req-3"]  # type: ignore[union-attr]
+    assert [r.request_id for r in page] == ["req-9", "req-3"]
     assert store.list(before="no-such-id") == ([], None)
 
 
@@ -81,7 +81,7 @@ def test_retention_keeps_the_newest(tmp_path: Path) -> None:
             assert writer.flush()
     writer.close()
     records, _ = HistoryStore(path).list()
-    assert [r.request_id for r in records] == [f"req-{n}" for n in range(11, 6, -1)]  # type: ignore[union-attr]
+    assert [r.request_id for r in records] == [f"req-{n}" for n in range(11, 6, -1)]
 
 
 def test_persists_across_a_restart(tmp_path: Path) -> None:

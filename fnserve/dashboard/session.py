@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable
 
 COOKIE = "fnserve_dashboard"
 CSRF_HEADER = "X-CSRF-Token"
@@ -51,12 +51,12 @@ def csrf_token(key: str | None, nonce: str | None) -> str:
     return _mac(key, "csrf", nonce)
 
 
-def same_origin(headers: Mapping[str, str], host: str) -> bool:
+def same_origin(header: Callable[[str], str | None], host: str) -> bool:
     """False for a request a browser marks as coming from another site."""
-    fetch_site = headers.get("Sec-Fetch-Site")
+    fetch_site = header("Sec-Fetch-Site")
     if fetch_site is not None and fetch_site not in ("same-origin", "none"):
         return False
-    origin = headers.get("Origin")
+    origin = header("Origin")
     if origin is not None and origin != "null":
         return origin.partition("://")[2] == host
     return origin != "null"

@@ -89,7 +89,7 @@ function renderFunctions(state) {
     body.append(el("tr", { "data-function": fn.name },
       el("td", { class: "name" }, fn.name),
       el("td", {}, fn.runtime),
-      el("td", {}, fn.mode || "–"),
+      el("td", {}, fn.mode || (fn.runtime === "python" ? "process" : "–")),
       el("td", {}, status),
       el("td", { class: "num invocations" }, figures.invocations ?? 0),
       el("td", { class: "num" }, percent(figures.error_rate)),
@@ -182,6 +182,7 @@ async function openDetail(requestId) {
   $("detail-response-note").textContent = record.response_truncated ? "(first 64 KiB)" : "";
   $("detail-stderr").textContent = record.stderr || "(nothing)";
   $("replay-button").disabled = record.request_truncated;
+  $("detail-card").scrollIntoView({ behavior: "smooth", block: "nearest" });
   $("replay-button").title = record.request_truncated ? "the recorded input was cut at 64 KiB" : "";
 }
 

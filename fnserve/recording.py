@@ -1,0 +1,100 @@
+"""Every invocation into the history, through the one hook: `Service.listeners`.
+
+HTTP, Lambda, async and replay invocations all end in Service._report, which calls
+the listener below with the request and its Outcome; no route records anything
+itself. The listener only slices the bodies (so the queue never holds megabytes)
+and hands a record-maker to the writer's thread, which redacts, cuts and writes.
+
+What is never stored: request headers at all (so no X-API-Key, Authorization or
+AWS signature header), and the values of those credentials wherever a function
+echoes them (its output, its stderr, the event) are replaced by "[redacted]".
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from .history import HistoryStore, HistoryWriter, head, make_record, secrets_of, tail
+from .outcome import Outcome
+from .service import InvocationRequest, Service
+
+# forwarded header variables whose values are credentials (SPEC §10)
+CREDENTIAL_ENV = ("HTTP_X_API_KEY", "HTTP_AUTHORIZATION", "HTTP_X_AMZ_SECURITY_TOKEN")
+# refusals under load are not worth a write each (429: nothing ran); the SPEC's
+# outcomes, unavailable included, are recorded
+NOT_RECORDED = frozenset({"rejected"})
+
+
+@dataclass
+class History:
+    """The history of one app: its writer (None: --history off) and its reader."""
+
+    writer: HistoryWriter | None
+    store: HistoryStore | None
+    max_records: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.store is not None
+
+
+class HistoryCollector(Collector):
+    def __init__(self, history: History) -> None:
+        self.history = history
+
+    def collect(self) -> Iterator[Any]:
+        writer = self.history.writer
+        yield CounterMetricFamily(
+            "fnserve_history_dropped",
+            "Invocation records dropped because the history writer could not keep up.",
+            value=writer.dropped if writer is not None else 0)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def attach_history(service: Service) -> History:
+    """Open the history of `service.config` (raises HistoryError for an unusable file),
+    add the recording listener and the dropped counter."""
+    config = service.config
+    if config.history is None:
+        history = History(None, None, config.history_max)
+    else:
+        writer = HistoryWriter(config.history, config.history_max)
+        history = History(writer, HistoryStore(config.history), config.history_max)
+        service.listeners.append(functools.partial(_record, writer, config.api_key,
+                                                   str(config.functions_dir)))
+    service.metrics.register(HistoryCollector(history))
+    return history
+
+
+def _record(writer: HistoryWriter, api_key: str | None, functions_dir: str,
+            request: InvocationRequest, outcome: Outcome, duration: float) -> None:
+    if outcome.outcome in NOT_RECORDED:
+        return
+    values = [request.forwarded[name] for name in CREDENTIAL_ENV if name in request.forwarded]
+    if api_key:
+        values.append(api_key)
+    secrets = secrets_of(values)
+    result = outcome.result
+    writer.submit(functools.partial(
+        make_record,
+        request_id=request.request_id, function=request.spec.name, source=request.source,
+        method=request.method,
+        started_at=(result.context.timestamp if result is not None else "") or _now(),
+        duration_ms=duration * 1000, status=outcome.status, outcome=outcome.outcome,
+        exit_code=result.exit_code if result is not None else None,
+        signal=result.signal if result is not None else None,
+        request=head(request.event, secrets), parameters=dict(request.parameters),
+        response=head(outcome.body, secrets), content_type=outcome.content_type,
+        stderr=tail(result.stderr_tail, secrets) if result is not None else b"",
+        trace_id=request.tracing.trace_id, replay_of=request.replay_of,
+        functions_dir=functions_dir, secrets=secrets))
