@@ -7,8 +7,12 @@ Two `fnserve serve` on one temporary functions directory, one writing its histor
 a temporary file, one with --history off. Rounds alternate on/off (and which goes
 first), so both see the same machine; every round's requests are pooled. The load
 generator is wrk when installed, else a Python keep-alive client (bench/serve.py's).
-Afterwards the script checks that the history holds every request sent to the
-recording server and reports fnserve_history_dropped_total. Goal: on >= 95 % of off.
+Like bench/serve.py, each phase waits for a quiet machine and is redone (keeping the
+least disturbed) while other processes used more than --max-foreign of the CPUs; the
+server CPU per request (master + worker, the history writer thread included) is the
+figure least moved by a busy machine. Afterwards the script checks that the history
+holds every request sent to the recording server and reports
+fnserve_history_dropped_total. Goal: on >= 95 % of off.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from live import LiveServer
 from serve import (  # bench/serve.py: bench/ is on sys.path when this file is run
     WRK_SCRIPT,
     Load,
+    OwnCPU,
     _become_subreaper,
     _kill_and_reap_everything,
     _on_sigterm,
     _stop_server,
+    measured,
     python_load,
     wrk_load,
 )
@@ -45,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="on/off rounds, pooled")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent requests")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--max-foreign", type=float, default=0.10,
+                        help="redo a phase when other processes used more of the CPUs")
+    parser.add_argument("--retries", type=int, default=2, help="redos of a disturbed phase")
+    parser.add_argument("--quiet-timeout", type=float, default=20.0,
+                        help="longest wait for an idle machine before a phase")
     args = parser.parse_args(argv)
     use_wrk = args.client == "wrk" or (args.client == "auto" and bool(shutil.which("wrk")))
 
@@ -66,12 +77,23 @@ def main(argv: list[str] | None = None) -> int:
         "history off": LiveServer(fn_dir, *common, "--history", "off"),
     }
 
-    def load(name: str, server: LiveServer) -> Load:
+    own = OwnCPU()
+
+    def once(name: str, server: LiveServer) -> Load:
+        before = own.server_only()
         if use_wrk:
-            return wrk_load(name, server.port, "/function/noop", args.concurrency,
-                            args.duration, script)
-        return python_load(name, server.port, "/function/noop", args.concurrency,
-                           args.duration)
+            result = wrk_load(name, server.port, "/function/noop", args.concurrency,
+                              args.duration, script)
+        else:
+            result = python_load(name, server.port, "/function/noop", args.concurrency,
+                                 args.duration)
+        result.server_cpu = own.server_only() - before  # master + worker, writer included
+        return result
+
+    def load(name: str, server: LiveServer) -> Load:
+        own.watch_server(server)
+        return measured(lambda: once(name, server), own, args.max_foreign, args.retries,
+                        args.quiet_timeout)
 
     results: dict[str, list[Load]] = {name: [] for name in servers}
     try:

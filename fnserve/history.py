@@ -26,6 +26,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,7 @@ STDERR_LIMIT = 4 * 1024  # stderr: the last 4 KiB
 BUSY_TIMEOUT = 10.0  # seconds a write waits for another process's write
 QUEUE_SIZE = 10_000  # records waiting for the writer; one more is dropped
 BATCH = 500  # records written in one transaction at most
+LINGER = 0.05  # seconds the writer lets records gather after the first: fewer transactions
 REDACTED = b"[redacted]"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
@@ -116,11 +118,12 @@ class Record:
     functions_dir: str = ""
 
     def row(self) -> tuple[Any, ...]:
-        values = asdict(self)
-        values["parameters"] = json.dumps(dict(self.parameters))
-        values["request_truncated"] = int(self.request_truncated)
-        values["response_truncated"] = int(self.response_truncated)
-        return tuple(values[name] for name in _COLUMNS)
+        """The values in _COLUMNS order (by hand: dataclasses.asdict deep-copies)."""
+        return (self.request_id, self.function, self.source, self.method, self.started_at,
+                self.duration_ms, self.status, self.outcome, self.exit_code, self.signal,
+                self.request, int(self.request_truncated), json.dumps(dict(self.parameters)),
+                self.response, int(self.response_truncated), self.content_type, self.stderr,
+                self.trace_id, self.replay_of, self.functions_dir)
 
     def to_json(self) -> dict[str, Any]:
         """The record as /invocations and `fnserve show --json` give it: bodies as text."""
@@ -354,9 +357,11 @@ def write_batch(connection: sqlite3.Connection, records: Sequence[Record],
     try:
         connection.executemany(_INSERT, [record.row() for record in records])
         if max_records is not None:
-            connection.execute(
-                "DELETE FROM invocations WHERE seq <= (SELECT seq FROM invocations "
-                "ORDER BY seq DESC LIMIT 1 OFFSET ?)", (max_records,))
+            # seq only grows (AUTOINCREMENT), so the newest N are those above MAX - N:
+            # two index look-ups, where ORDER BY ... OFFSET N would step over N rows
+            newest = connection.execute("SELECT MAX(seq) FROM invocations").fetchone()[0]
+            connection.execute("DELETE FROM invocations WHERE seq <= ?",
+                               (newest - max_records,))
         connection.execute("COMMIT")
     except BaseException:
         connection.execute("ROLLBACK")
@@ -424,6 +429,8 @@ class HistoryWriter:
         try:
             while True:
                 item = self._queue.get()
+                if not isinstance(item, threading.Event) and item is not _STOP:
+                    time.sleep(LINGER)
                 batch: list[Record | Callable[[], Record]] = []
                 events: list[threading.Event] = []
                 stop = False
