@@ -66,9 +66,11 @@ def dev(directory: str | None, **flags: Any) -> None:
 
 
 def _serve(config: Config) -> None:
+    from .history import check_history
     from .server import serve as run_server
 
     try:
+        check_history(config.history)  # an unusable --history is a startup error, exit 2
         run_server(config)
     except FnServeError as exc:
         raise CliError(str(exc)) from None

@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 log = logging.getLogger("fnserve.history")
 
 BODY_LIMIT = 64 * 1024  # request and response: the first 64 KiB are kept
@@ -88,7 +90,7 @@ _INSERT = (f"INSERT INTO invocations ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 
 
-class HistoryError(Exception):
+class HistoryError(ConfigError):
     """The history file cannot be opened or read (its path and why)."""
 
 
@@ -224,6 +226,12 @@ def connect(path: Path) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+def check_history(path: Path | None) -> None:
+    """Raise HistoryError (a FnServeError: exit 2) unless `path` is off or usable."""
+    if path is not None:
+        connect(path).close()
 
 
 def _migrate(connection: sqlite3.Connection, path: Path) -> None:

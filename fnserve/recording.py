@@ -13,6 +13,7 @@ echoes them (its output, its stderr, the event) are replaced by "[redacted]".
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,9 +22,19 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from .history import HistoryStore, HistoryWriter, head, make_record, secrets_of, tail
+from .history import (
+    HistoryError,
+    HistoryStore,
+    HistoryWriter,
+    head,
+    make_record,
+    secrets_of,
+    tail,
+)
 from .outcome import Outcome
 from .service import InvocationRequest, Service
+
+log = logging.getLogger("fnserve.history")
 
 # forwarded header variables whose values are credentials (SPEC §10)
 CREDENTIAL_ENV = ("HTTP_X_API_KEY", "HTTP_AUTHORIZATION", "HTTP_X_AMZ_SECURITY_TOKEN")
@@ -65,11 +76,16 @@ def attach_history(service: Service) -> History:
     """Open the history of `service.config` (raises HistoryError for an unusable file),
     add the recording listener and the dropped counter."""
     config = service.config
-    if config.history is None:
+    writer = None
+    if config.history is not None:
+        try:
+            writer = HistoryWriter(config.history, config.history_max)
+        except HistoryError as exc:  # `serve` checked it at startup: it went bad since
+            log.error("%s: serving without a history", exc)
+    if writer is None:
         history = History(None, None, config.history_max)
     else:
-        writer = HistoryWriter(config.history, config.history_max)
-        history = History(writer, HistoryStore(config.history), config.history_max)
+        history = History(writer, HistoryStore(writer.path), config.history_max)
         service.listeners.append(functools.partial(_record, writer, config.api_key,
                                                    str(config.functions_dir)))
     service.metrics.register(HistoryCollector(history))

@@ -115,3 +115,13 @@ def test_truncated_request_is_not_replayed(fn_dir: Path, env: dict[str, str]) ->
     seed(Path(env["FNSERVE_HISTORY"]), fn_dir, n=1, request=b"x" * (65 * 1024))
     done = fnserve_cli("replay", "req-0", env=env)
     assert done.returncode == 2 and b"truncated" in done.stderr
+
+
+def test_serve_refuses_an_unusable_history(fn_dir: Path, tmp_path: Path,
+                                          env: dict[str, str]) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    done = fnserve_cli("serve", str(fn_dir), "--port", "0", "--history",
+                       str(tmp_path / "file" / "h.sqlite3"), env=env)
+    assert done.returncode == 2
+    text = done.stderr.decode()
+    assert text.startswith("Error: ") and text.count("\n") == 1 and "history" in text

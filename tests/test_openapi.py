@@ -39,7 +39,8 @@ from tests.live import LiveServer, running
 API_KEY = "k-openapi-0123456789"
 MAX_EXAMPLES = 15  # per operation and phase: ~10 operations x 2 servers stay well under 30 s
 FUNCTIONS = ("hello", "echo", "fail", "crash", "slow", "big", "binary")
-PROTECTED = ("/function/{name}", "/functions", "/stats", "/metrics")
+PROTECTED = ("/function/{name}", "/functions", "/stats", "/metrics", "/invocations",
+             "/invocations/{request_id}", "/invocations/{request_id}/replay")
 
 # Not negative_data_rejection: FnServe accepts any query string, header value and
 # body (that is the contract), so schemathesis' "invalid" values there are valid.
@@ -174,7 +175,9 @@ def test_document_is_the_shipped_yaml(live: LiveServer) -> None:
     invoke = served["paths"]["/function/{name}"]
     assert {"get", "post", "put", "patch", "delete"} <= set(invoke)
     assert set(served["paths"]) == {"/function/{name}", "/functions", "/stats", "/metrics",
-                                    "/healthz", "/openapi.json"}
+                                    "/healthz", "/openapi.json", "/invocations",
+                                    "/invocations/{request_id}",
+                                    "/invocations/{request_id}/replay"}
     # every status of the SPEC's error table is declared for every method
     for method in ("get", "post", "put", "patch", "delete"):
         assert {"200", "400", "401", "404", "413", "429", "500", "502", "504"} <= \
