@@ -27,6 +27,7 @@ if not (CHROMIUM and CHROMEDRIVER):
     pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)",
                 allow_module_level=True)
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -76,6 +77,19 @@ def wait(driver: Any, condition: Any, timeout: float = 15) -> Any:
     return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
 
 
+def click(driver: Any, css: str) -> None:
+    """Click the element `css` names; the page redraws a table when its figures change,
+    so an element found a moment ago may be gone: find it again."""
+    def attempt(d: Any) -> bool:
+        try:
+            d.find_element(By.CSS_SELECTOR, css).click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    wait(driver, attempt)
+
+
 def rows(driver: Any, body: str) -> list[Any]:
     """The data rows of a table body (not its "loading…" placeholder)."""
     key = "function" if body == "functions-body" else "request-id"
@@ -108,7 +122,7 @@ def test_lists_functions_and_shows_new_invocations_live(
             By.CSS_SELECTOR, 'tr[data-function="hello"] .invocations').text == "1")
         assert count
 
-        row.click()  # opens the record: input, output, stderr, status, trace id
+        click(browser, f'#invocations-body tr[data-request-id="{rid}"]')  # opens the record
         wait(browser, lambda d: d.find_element(By.ID, "detail-id").text == rid)
         assert '"name": "Ada"' in browser.find_element(By.ID, "detail-request").text
         assert "Hello, Ada!" in browser.find_element(By.ID, "detail-response").text
@@ -121,7 +135,7 @@ def test_invoke_form_and_replay(browser: Any, functions: Path, tmp_path: Path) -
     with running(LiveServer(functions, "--history", str(tmp_path / "h.sqlite3"))) as server:
         browser.get(server.url("/"))
         wait(browser, lambda d: rows(d, "functions-body"))
-        browser.find_element(By.CSS_SELECTOR, '[data-invoke="hello"]').click()
+        click(browser, '[data-invoke="hello"]')
         event = browser.find_element(By.ID, "invoke-event")
         event.clear()
         event.send_keys('{"name": "Grace"}')
@@ -140,7 +154,8 @@ def test_invoke_form_and_replay(browser: Any, functions: Path, tmp_path: Path) -
         browser.find_element(By.ID, "invoke-run").click()
         assert wait(browser, lambda d: "not JSON" in d.find_element(By.ID, "invoke-error").text)
 
-        wait(browser, lambda d: row_for(d, rid)).click()
+        wait(browser, lambda d: row_for(d, rid))
+        click(browser, f'#invocations-body tr[data-request-id="{rid}"]')
         wait(browser, lambda d: d.find_element(By.ID, "detail-id").text == rid)
         browser.find_element(By.ID, "replay-button").click()
         replayed = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#replay-result pre"))
@@ -176,7 +191,7 @@ def test_key_prompt_guards_the_dashboard(browser: Any, functions: Path,
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
 
         # the page's own requests work with the cookie: invoke from the form
-        browser.find_element(By.CSS_SELECTOR, '[data-invoke="fail"]').click()
+        click(browser, '[data-invoke="fail"]')
         browser.find_element(By.ID, "invoke-run").click()
         meta = wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#invoke-result .meta"))
         assert "502" in meta.text

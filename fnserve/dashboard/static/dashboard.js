@@ -10,7 +10,6 @@ const $ = (id) => document.getElementById(id);
 
 let selectedId = null;
 let invokeName = null;
-let seen = new Set();
 let firstLoad = true;
 
 function el(tag, attrs, ...children) {
@@ -74,7 +73,12 @@ function time(stamp) {
 
 // -- functions ---------------------------------------------------------------------
 
+let lastFunctions = "";
+
 function renderFunctions(state) {
+  const signature = JSON.stringify([state.functions, state.figures_from]);
+  if (signature === lastFunctions) return;  // unchanged: leave the rows (and the buttons) be
+  lastFunctions = signature;
   const body = $("functions-body");
   body.replaceChildren();
   if (!state.functions.length) {
@@ -107,31 +111,46 @@ function renderFunctions(state) {
 
 // -- recent invocations -------------------------------------------------------------
 
+const rowsById = new Map();  // a record never changes: its row is built once and kept
+
+function invocationRow(item, fresh) {
+  return el("tr", {
+    "data-request-id": item.request_id,
+    class: fresh ? "fresh" : "",
+    onclick: () => openDetail(item.request_id),
+  },
+    el("td", {}, time(item.started_at)),
+    el("td", { class: "name" }, item.function),
+    el("td", {}, item.source + (item.replay_of ? " ↺" : "")),
+    el("td", {}, statusBadge(item.status)),
+    el("td", {}, outcomeBadge(item.outcome)),
+    el("td", { class: "num" }, ms(item.duration_ms)),
+    el("td", { class: "mono" }, item.request_id));
+}
+
 function renderInvocations(state) {
   const body = $("invocations-body");
-  body.replaceChildren();
   $("history-note").textContent = state.history ? "newest first, updated live" : "the history is off";
   if (!state.invocations.length) {
-    body.append(el("tr", {}, el("td", { colspan: 7, class: "muted" },
+    rowsById.clear();
+    body.replaceChildren(el("tr", {}, el("td", { colspan: 7, class: "muted" },
       state.history ? "no invocations yet: invoke a function" : "start the server with --history to record invocations")));
+    return;
   }
-  for (const item of state.invocations) {
-    const fresh = !firstLoad && !seen.has(item.request_id);
-    seen.add(item.request_id);
-    const row = el("tr", {
-      "data-request-id": item.request_id,
-      class: (item.request_id === selectedId ? "selected " : "") + (fresh ? "fresh" : ""),
-      onclick: () => openDetail(item.request_id),
-    },
-      el("td", {}, time(item.started_at)),
-      el("td", { class: "name" }, item.function),
-      el("td", {}, item.source + (item.replay_of ? " ↺" : "")),
-      el("td", {}, statusBadge(item.status)),
-      el("td", {}, outcomeBadge(item.outcome)),
-      el("td", { class: "num" }, ms(item.duration_ms)),
-      el("td", { class: "mono" }, item.request_id));
-    body.append(row);
-  }
+  const rows = state.invocations.map((item) => {
+    let row = rowsById.get(item.request_id);
+    if (!row) {
+      row = invocationRow(item, !firstLoad);
+      rowsById.set(item.request_id, row);
+    }
+    row.classList.toggle("selected", item.request_id === selectedId);
+    return row;
+  });
+  const keep = new Set(state.invocations.map((item) => item.request_id));
+  for (const id of rowsById.keys()) if (!keep.has(id)) rowsById.delete(id);
+  // only touch the DOM when the list changed, so a row a user (or a test) holds stays
+  const same = rows.length === body.children.length && rows.every((row, i) => body.children[i] === row);
+  if (!same) body.replaceChildren(...rows);
   firstLoad = false;
 }
 
@@ -170,7 +189,8 @@ async function openDetail(requestId) {
   $("detail-facts").replaceChildren(
     ...fact("function", record.function), ...fact("status", record.status),
     ...fact("outcome", record.outcome), ...fact("duration", ms(record.duration_ms)),
-    ...fact("source", record.source), ...fact("started", record.started_at),
+    ...fact("source", record.source),
+    ...fact("started", (record.started_at || "").replace("T", " ").slice(0, 23)),
     ...fact("exit code", record.exit_code ?? (record.signal ? "signal " + record.signal : null)),
     ...fact("trace id", record.trace_id),
     ...fact("parameters", Object.keys(record.parameters).length ? JSON.stringify(record.parameters) : ""),
