@@ -91,11 +91,11 @@ def executor(runtimes: dict[str, Runtime], stderr_lines: StderrLines) -> Iterato
     pool.shutdown()
 
 
-# -- CI must run the tests of real services, never skip them -------------------------
+# -- CI must run the tests of real toolchains and services, never skip them ----------
 
-# a test with one of these markers needs a tool or service (Go toolchain, a browser, ...):
-# skipped on a developer's machine without it, a failure of the run in CI
-REQUIRED_IN_CI = ("go", "browser")
+# a test marked with one of these needs something real (the Go toolchain, bwrap, a
+# redis-server, Chromium) that .ci/run installs: in CI, one skipped fails the run
+REQUIRED_IN_CI = ("go", "sandbox", "redis", "browser")
 _required = {marker: {"ran": 0, "skipped": 0} for marker in REQUIRED_IN_CI}
 
 
@@ -109,18 +109,22 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             counts["ran"] += 1
 
 
+def _collected(session: pytest.Session, marker: str) -> bool:
+    return any(item.get_closest_marker(marker) for item in session.items)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # .ci/run sets CI: a machine without the tool must fail there, not pass quietly
+    # .ci/run sets CI: a machine without the toolchain or service must fail there
     if not os.environ.get("CI"):
         return
     for marker, counts in _required.items():
-        collected = any(marker in item.keywords for item in session.items)
-        if collected and (counts["skipped"] or not counts["ran"]):
+        if _collected(session, marker) and (counts["skipped"] or not counts["ran"]):
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    ci = " (CI: a skipped one fails the run)" if os.environ.get("CI") else ""
     for marker, counts in _required.items():
-        terminalreporter.write_line(
-            f"{marker} tests: {counts['ran']} ran, {counts['skipped']} skipped"
-            + (f" (CI: skipped {marker} tests fail the run)" if os.environ.get("CI") else ""))
+        if counts["ran"] or counts["skipped"]:
+            terminalreporter.write_line(
+                f"{marker} tests: {counts['ran']} ran, {counts['skipped']} skipped{ci}")
