@@ -27,7 +27,7 @@ from .history import (
     HistoryStore,
     HistoryWriter,
     head,
-    make_record,
+    record_row,
     secrets_of,
     tail,
 )
@@ -101,16 +101,13 @@ def _record(writer: HistoryWriter, api_key: str | None, functions_dir: str,
         values.append(api_key)
     secrets = secrets_of(values)
     result = outcome.result
+    # positional, in record_row's order: the request thread pays for little more than this
     writer.submit(functools.partial(
-        make_record,
-        request_id=request.request_id, function=request.spec.name, source=request.source,
-        method=request.method,
-        started_at=(result.context.timestamp if result is not None else "") or _now(),
-        duration_ms=duration * 1000, status=outcome.status, outcome=outcome.outcome,
-        exit_code=result.exit_code if result is not None else None,
-        signal=result.signal if result is not None else None,
-        request=head(request.event, secrets), parameters=dict(request.parameters),
-        response=head(outcome.body, secrets), content_type=outcome.content_type,
-        stderr=tail(result.stderr_tail, secrets) if result is not None else b"",
-        trace_id=request.tracing.trace_id, replay_of=request.replay_of,
-        functions_dir=functions_dir, secrets=secrets))
+        record_row, request.request_id, request.spec.name, request.source, request.method,
+        (result.context.timestamp if result is not None else "") or _now(),
+        duration * 1000, outcome.status, outcome.outcome,
+        result.exit_code if result is not None else None,
+        result.signal if result is not None else None,
+        head(request.event, secrets), request.parameters, head(outcome.body, secrets),
+        outcome.content_type, tail(result.stderr_tail, secrets) if result is not None else b"",
+        request.tracing.trace_id, request.replay_of, functions_dir, secrets))
