@@ -6,8 +6,9 @@ itself. The listener only slices the bodies (so the queue never holds megabytes)
 and hands a record-maker to the writer's thread, which redacts, cuts and writes.
 
 What is never stored: request headers at all (so no X-API-Key, Authorization or
-AWS signature header), and the values of those credentials wherever a function
-echoes them (its output, its stderr, the event) are replaced by "[redacted]".
+AWS signature header); the values of those credentials, of the server's key and of
+presigned-URL query credentials (X-Amz-Signature, ...) are replaced by "[redacted]"
+wherever they appear (the parameters, the event, the function's output and stderr).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ log = logging.getLogger("fnserve.history")
 
 # forwarded header variables whose values are credentials (SPEC §10)
 CREDENTIAL_ENV = ("HTTP_X_API_KEY", "HTTP_AUTHORIZATION", "HTTP_X_AMZ_SECURITY_TOKEN")
+# query parameters of AWS presigned requests that carry a credential
+CREDENTIAL_PARAMETERS = frozenset({"x-amz-signature", "x-amz-security-token", "x-amz-credential"})
 # refusals under load are not worth a write each (429: nothing ran); the SPEC's
 # outcomes, unavailable included, are recorded
 NOT_RECORDED = frozenset({"rejected"})
@@ -99,6 +102,11 @@ def _record(writer: HistoryWriter, api_key: str | None, functions_dir: str,
     values = [request.forwarded[name] for name in CREDENTIAL_ENV if name in request.forwarded]
     if api_key:
         values.append(api_key)
+    parameters = request.parameters
+    if any(name.lower() in CREDENTIAL_PARAMETERS for name in parameters):
+        values += [v for k, v in parameters.items() if k.lower() in CREDENTIAL_PARAMETERS]
+        parameters = {k: "[redacted]" if k.lower() in CREDENTIAL_PARAMETERS else v
+                      for k, v in parameters.items()}
     secrets = secrets_of(values)
     result = outcome.result
     # positional, in record_row's order: the request thread pays for little more than this
@@ -108,6 +116,6 @@ def _record(writer: HistoryWriter, api_key: str | None, functions_dir: str,
         duration * 1000, outcome.status, outcome.outcome,
         result.exit_code if result is not None else None,
         result.signal if result is not None else None,
-        head(request.event, secrets), request.parameters, head(outcome.body, secrets),
+        head(request.event, secrets), parameters, head(outcome.body, secrets),
         outcome.content_type, tail(result.stderr_tail, secrets) if result is not None else b"",
         request.tracing.trace_id, request.replay_of, functions_dir, secrets))

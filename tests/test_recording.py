@@ -94,6 +94,21 @@ def test_an_unusable_file_serves_without_history(service: Service, tmp_path: Pat
     assert service.invoke(request(service, "http")).status == 200
 
 
+def test_presigned_query_credentials_are_redacted(service: Service, tmp_path: Path) -> None:
+    history = attach_history(service)
+    signature = "5d672d79c15b13162d9279b0855cfba6789a8edb4c82c400e06b5924a6f2b5d7"
+    service.invoke(InvocationRequest(
+        service.registry.get("echo"), b'{"sig": "%s"}' % signature.encode(), "signed",
+        tracing_from(lambda _name: None),
+        parameters={"X-Amz-Signature": signature, "name": "Ada"}))
+    history.writer.close()  # type: ignore[union-attr]
+    record = HistoryStore(tmp_path / "h.sqlite3").get("signed")
+    assert record is not None
+    assert record.parameters == {"X-Amz-Signature": "[redacted]", "name": "Ada"}
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("h.sqlite3*"))
+    assert signature.encode() not in raw and b"Ada" in raw
+
+
 def test_writer_close_is_idempotent(tmp_path: Path) -> None:
     writer = HistoryWriter(tmp_path / "h.sqlite3", 10)
     writer.close()
