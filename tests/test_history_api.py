@@ -210,6 +210,32 @@ def test_two_servers_one_file(fn_dir: Path, tmp_path: Path) -> None:
             assert "locked" not in server.stderr()
 
 
+def test_several_gunicorn_workers_one_file(fn_dir: Path, tmp_path: Path) -> None:
+    import sys
+
+    write_function(fn_dir, "noop", "#!/bin/sh\nexit 0\n", executable=True)
+    path = tmp_path / "h.sqlite3"
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    command = [gunicorn, "-c", "conf/gunicorn.conf.py", "--workers", "3", "fnserve.wsgi:app"]
+    env = {**_base_env(), "FNSERVE_HISTORY": str(path)}
+    with running(LiveServer(fn_dir, command=command, env=env)) as server:
+        assert wait_until(lambda: len(server.workers()) == 3, timeout=30)
+
+        def hammer() -> None:
+            for _ in range(60):  # a new connection each: spread over the workers
+                assert requests.post(server.url("/function/noop"), timeout=60,
+                                     headers={"Connection": "close"}).ok
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        stored = records(server, 240, headers={"Connection": "close"})
+        assert len({r["request_id"] for r in stored}) == 240
+        assert "locked" not in server.stderr()
+
+
 def test_api_needs_the_key_and_the_cookie_opens_only_the_dashboard(
         fn_dir: Path, tmp_path: Path) -> None:
     write_function(fn_dir, "show.py", SHOW)
