@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from .helpers import write_function
+from .helpers import wait_until, write_function
 from .live import LiveServer, running
 
 pytestmark = pytest.mark.browser
@@ -90,6 +90,17 @@ def click(driver: Any, css: str) -> None:
     wait(driver, attempt)
 
 
+def stored(server: LiveServer, request_id: str) -> Any:
+    """The record of `request_id`, once the history's writer has written it."""
+    def fetch() -> Any:
+        response = server.get(f"/invocations/{request_id}")
+        return response.json() if response.status_code == 200 else None
+
+    record = wait_until(fetch, timeout=10)
+    assert record, f"{request_id} was not recorded"
+    return record
+
+
 def rows(driver: Any, body: str) -> list[Any]:
     """The data rows of a table body (not its "loading…" placeholder)."""
     key = "function" if body == "functions-body" else "request-id"
@@ -146,7 +157,7 @@ def test_invoke_form_and_replay(browser: Any, functions: Path, tmp_path: Path) -
         meta = browser.find_element(By.CSS_SELECTOR, "#invoke-result .meta").text
         assert "200" in meta
         rid = browser.find_element(By.CSS_SELECTOR, "#invoke-result .request-id").text
-        assert server.get(f"/invocations/{rid}").json()["parameters"] == {"lang": "en"}
+        assert stored(server, rid)["parameters"] == {"lang": "en"}
 
         # a bad event is refused in the page, nothing runs
         event.clear()
@@ -162,7 +173,7 @@ def test_invoke_form_and_replay(browser: Any, functions: Path, tmp_path: Path) -
         assert "Hello, Grace!" in replayed.text
         new_id = browser.find_element(By.CSS_SELECTOR, "#replay-result .request-id").text
         assert new_id and new_id != rid
-        record = server.get(f"/invocations/{new_id}").json()
+        record = stored(server, new_id)
         assert record["source"] == "replay" and record["replay_of"] == rid
         assert record["request"] == '{"name": "Grace"}' and record["parameters"] == {"lang": "en"}
         assert "replay" in wait(browser, lambda d: row_for(d, new_id)).text

@@ -247,7 +247,9 @@ def test_api_needs_the_key_and_the_cookie_opens_only_the_dashboard(
         assert server.get(f"/invocations/{rid}").status_code == 401
         assert server.post(f"/invocations/{rid}/replay").status_code == 401
         assert server.post(f"/invocations/{rid}/replay", headers=key).status_code == 200
-        assert 'id="login-form"' in server.get("/").text
+        login_page = server.get("/")
+        assert 'id="login-form"' in login_page.text
+        assert "frame-ancestors 'none'" in login_page.headers["Content-Security-Policy"]
         assert server.get("/dashboard/api/state").status_code == 401
 
         browser = requests.Session()

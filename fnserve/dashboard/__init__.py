@@ -43,6 +43,19 @@ blueprint = Blueprint("dashboard", __name__, template_folder="templates",
                       static_folder="static", static_url_path="/dashboard/static")
 
 RECENT = 30  # invocations the page lists
+# the page loads nothing from elsewhere, and no other site may frame it (a replay
+# button under someone else's page would be clickjacking)
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                           "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+@blueprint.after_request
+def page_headers(response: Response) -> Response:
+    if response.mimetype == "text/html":
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 # -- who is asking ----------------------------------------------------------------------
