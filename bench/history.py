@@ -1,5 +1,6 @@
 """What recording the invocation history costs: throughput with --history on vs. off,
-in the same run, on the fastest path (an exec function that does nothing). Run by hand.
+in the same run, on the fastest path (a warm-mode handler returning {}, or with
+--function exec a shell script that does nothing). Run by hand.
 
     .venv/bin/python bench/history.py [--duration 5] [--rounds 4] [--concurrency 8]
 
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="on/off rounds, pooled")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent requests")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--function", choices=("exec", "warm"), default="warm",
+                        help="exec: a shell script that does nothing; warm: a Python "
+                             "handler in warm mode (pool 4), the fastest path (default)")
     parser.add_argument("--max-foreign", type=float, default=0.10,
                         help="redo a phase when other processes used more of the CPUs")
     parser.add_argument("--retries", type=int, default=2, help="redos of a disturbed phase")
@@ -67,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     noop = fn_dir / "noop"
     noop.write_text("#!/bin/sh\nexit 0\n")
     noop.chmod(0o755)
+    (fn_dir / "warm.py").write_text("def handler(event, context):\n    return {}\n")
+    (fn_dir / "fnserve.toml").write_text('[functions.warm]\nmode = "warm"\n')
+    path = "/function/noop" if args.function == "exec" else "/function/warm"
     script = workdir / "post.lua"
     script.write_text(WRK_SCRIPT)
     history = workdir / "history.sqlite3"
@@ -82,11 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     def once(name: str, server: LiveServer) -> Load:
         before = own.server_only()
         if use_wrk:
-            result = wrk_load(name, server.port, "/function/noop", args.concurrency,
-                              args.duration, script)
+            result = wrk_load(name, server.port, path, args.concurrency, args.duration,
+                              script)
         else:
-            result = python_load(name, server.port, "/function/noop", args.concurrency,
-                                 args.duration)
+            result = python_load(name, server.port, path, args.concurrency, args.duration)
         result.server_cpu = own.server_only() - before  # master + worker, writer included
         return result
 
