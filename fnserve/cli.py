@@ -76,7 +76,8 @@ def _serve(config: Config) -> None:
         raise CliError(str(exc)) from None
 
 
-WORKER_OPTIONS = ("queue", "timeout", "max-output", "pass-env", "graceful-timeout", "log-format")
+WORKER_OPTIONS = ("queue", "timeout", "max-output", "pass-env", "graceful-timeout", "log-format",
+                  "history", "history-max")
 
 
 def _worker_options(command: Callable[..., Any]) -> Callable[..., Any]:

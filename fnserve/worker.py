@@ -312,6 +312,9 @@ def run_worker(config: Config, *, metrics_host: str = "127.0.0.1",
     service = Service(config)
     for warning in service.registry.warnings:
         log.warning(warning)
+    from .recording import attach_history
+
+    history = attach_history(service)  # jobs run here are recorded like any invocation
     worker = FnServeWorker(service, make_rq_queue(connection), connection)
     _current = worker
     metrics = serve_metrics(service, lambda: worker.last_contact, metrics_host,
@@ -332,6 +335,8 @@ def run_worker(config: Config, *, metrics_host: str = "127.0.0.1",
             metrics.shutdown()
         dropped = worker.callbacks.close(wait=5.0)
         service.executor.shutdown()
+        if history.writer is not None:
+            history.writer.close()
         connection.close()
         _current = None
         log.info("fnserve worker %s stopped", worker.name, extra={"callbacks_dropped": dropped})
