@@ -4,6 +4,7 @@ not only the /function route; refusals and unusable files behave."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +24,13 @@ def service(fn_dir: Path, tmp_path: Path) -> Iterator[Service]:
     write_function(fn_dir, "echo.py", "import sys\nprint(sys.stdin.read())\n")
     # holds its slot until the test creates the gate file: a handshake, not a sleep
     gate = tmp_path / "gate"
-    write_function(fn_dir, "holds.py",
-                   f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)\n")
+    write_function(fn_dir, "holds.py", f"""
+        import os, time
+        with open({str(gate) + '.started'!r}, "a") as started:
+            started.write("x\\n")
+        while not os.path.exists({str(gate)!r}):
+            time.sleep(0.01)
+    """)
     environ = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
     config = load_config(fn_dir, {"history": str(tmp_path / "h.sqlite3"),
                                   "concurrency": "2"}, environ)
@@ -66,12 +72,20 @@ def test_every_source_is_recorded_through_the_listener(service: Service,
 
 def test_a_refusal_for_load_is_not_recorded(service: Service, tmp_path: Path) -> None:
     history = attach_history(service)
-    for held in ("held-1", "held-2"):  # --concurrency 2: both slots taken
-        service.enqueue(InvocationRequest(service.registry.get("holds"), b"{}", held,
-                                          tracing_from(lambda _name: None)))
+    holders = [threading.Thread(target=service.invoke, args=(InvocationRequest(
+        service.registry.get("holds"), b"{}", held, tracing_from(lambda _name: None)),))
+        for held in ("held-1", "held-2")]
+    for holder in holders:
+        holder.start()
+    started = tmp_path / "gate.started"
+    # --concurrency 2: both slots are taken once both functions run
+    assert wait_until(lambda: started.exists() and started.read_text().count("x") == 2,
+                      timeout=15)
     refused = service.invoke(request(service, "http"))
     assert refused.status == 429 and refused.outcome == "rejected"
     (tmp_path / "gate").touch()
+    for holder in holders:
+        holder.join(30)
     store = HistoryStore(tmp_path / "h.sqlite3")
 
     def both_held() -> list[object]:
