@@ -49,6 +49,7 @@ from .listing import describe_registry
 from .logs import function_log, invocation_log
 from .registry import FunctionSpec, Registry, load_registry
 from .runtimes import Runtime, make_runtimes
+from .sandbox import find_bwrap
 from .stats import Stats, StatsCollector
 
 log = logging.getLogger("fnserve.app")
@@ -86,7 +87,7 @@ def _log_stderr(invocation: Invocation, line: str) -> None:
 
 def create_app(config: Config, registry: Registry | None = None) -> Flask:
     if registry is None:
-        registry = load_registry(config.functions_dir)
+        registry = load_registry(config.functions_dir, isolation=config.isolation)
     for warning in registry.warnings:
         log.warning(warning)
     runtimes = make_runtimes(config.cache_dir, config.build_env)
@@ -97,7 +98,8 @@ def create_app(config: Config, registry: Registry | None = None) -> Flask:
         config=config,
         registry=registry,
         runtimes=runtimes,
-        executor=Executor(config.workers, runtimes, stderr_sink=_log_stderr),
+        executor=Executor(config.workers, runtimes, stderr_sink=_log_stderr,
+                          bwrap=find_bwrap(config.base_env.get("PATH"))),
         limiter=Limiter(config.concurrency),
         stats=stats,
         metrics=metrics,
@@ -344,7 +346,8 @@ def _add_routes(app: Flask, state: State) -> None:
     @app.route("/functions", methods=["GET"])
     def functions() -> Any:
         _check_auth(config)
-        return {"functions": describe_registry(state.registry, state.runtimes, config.timeout)}
+        return {"functions": describe_registry(state.registry, state.runtimes, config.timeout,
+                                               bwrap=state.executor.bwrap)}
 
     @app.route("/stats", methods=["GET"])
     def stats() -> Any:

@@ -98,6 +98,15 @@ def _log_format(value: Any) -> str:
     return str(value)
 
 
+ISOLATIONS = ("none", "sandbox")
+
+
+def parse_isolation(value: Any) -> str:
+    if value not in ISOLATIONS:
+        raise ValueError(f"must be one of {', '.join(ISOLATIONS)}, not {value!r}")
+    return str(value)
+
+
 def _header_name(value: Any) -> str:
     if not isinstance(value, str) or not _HEADER_NAME.match(value):
         raise ValueError(f"not a header name: {value!r}")
@@ -151,6 +160,9 @@ OPTIONS: tuple[Option, ...] = (
            metavar="DURATION"),
     Option("log-format", _log_format, "json", "Log format.", dev_default="text",
            metavar="json|text"),
+    Option("isolation", parse_isolation, "none",
+           "Isolation of functions that do not set theirs (sandbox: bubblewrap).",
+           metavar="none|sandbox"),
 )
 OPTIONS_BY_FIELD = {option.field: option for option in OPTIONS}
 
@@ -170,6 +182,7 @@ class Config:
     pass_env: tuple[str, ...] = ()
     graceful_timeout: float = 35.0
     log_format: str = "json"
+    isolation: str = "none"  # the default of functions that do not set theirs (SPEC §12)
     dev: bool = False
     # read from the server's environment once, here, and passed down
     base_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -264,7 +277,7 @@ def load_config(
     # fail later in the app; imported here because registry imports this module
     from .registry import load_settings
 
-    load_settings(directory, document)
+    load_settings(directory, document, "none")
 
     values: dict[str, Any] = {}
     for option in OPTIONS:

@@ -22,13 +22,14 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .context import Context, function_environment
 from .registry import FunctionSpec
-from .runtimes import BuildError, Runtime
+from .runtimes import BuildError, Command, Runtime
+from .sandbox import exit_status, sandbox_argv
 
 STDERR_TAIL = 64 * 1024
 MAX_STDERR_LINE = 16 * 1024
@@ -112,8 +113,10 @@ class Executor:
         runtimes: Mapping[str, Runtime],
         stderr_sink: StderrSink | None = None,
         stderr_log_limit: int | None = 1024 * 1024,
+        bwrap: str | None = None,
     ) -> None:
         self.runtimes = runtimes
+        self.bwrap = bwrap  # for isolation = "sandbox" (sandbox.find_bwrap on the server's PATH)
         self.stderr_sink = stderr_sink
         self.stderr_log_limit = stderr_log_limit
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fnserve-run")
@@ -204,7 +207,12 @@ class Executor:
         if run.cancelled:
             return Result("cancelled", invocation.context)
         context = invocation.context.started(remaining)
-        argv = self._with_memory_limit(command.argv, spec.settings.memory)
+        sandboxed = spec.settings.sandboxed
+        if sandboxed and self.bwrap is None:  # checked at startup; a dev reload may change it
+            return Result("failed", context, exit_code=127,
+                          error=f'cannot start {spec.name}: isolation = "sandbox" and no '
+                                f"bwrap on PATH")
+        argv = self._with_memory_limit(self._isolated(spec, command), spec.settings.memory)
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -224,6 +232,8 @@ class Executor:
             proc.wait()
             raise
         returncode = proc.wait()
+        if sandboxed:
+            returncode = exit_status(returncode)
         duration = time.monotonic() - started
         stderr.close()
         if outcome is None:
@@ -235,7 +245,13 @@ class Executor:
             duration=duration,
         )
 
-    def _with_memory_limit(self, argv: tuple[str, ...], memory: int | None) -> list[str]:
+    def _isolated(self, spec: FunctionSpec, command: Command) -> list[str]:
+        if spec.settings.sandboxed and self.bwrap is not None:
+            return sandbox_argv(self.bwrap, spec, command.argv, command.cwd)
+        return list(command.argv)
+
+    def _with_memory_limit(self, argv: Sequence[str], memory: int | None) -> list[str]:
+        # outside the sandbox: bwrap and the function inherit the limit
         if not memory:
             return list(argv)
         if self._prlimit:

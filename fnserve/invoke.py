@@ -14,6 +14,7 @@ from .errors import NotFound, UsageError
 from .executor import Executor, Invocation, Result, StderrSink
 from .registry import FunctionSpec, load_registry, spec_for_path
 from .runtimes import make_runtimes
+from .sandbox import check_sandboxes, find_bwrap
 
 RUN_TIMEOUT = 30.0
 
@@ -71,8 +72,10 @@ def run_function(
     context = make_context(spec.name, deadline,
                            parameters=parameters,
                            configured_env={**spec.settings.env, **(env or {})})
+    bwrap = find_bwrap(environ.get("PATH"))
+    check_sandboxes([spec], bwrap)
     executor = Executor(1, make_runtimes(cache_dir(environ), build_environment(environ)),
-                        stderr_sink=stderr_sink, stderr_log_limit=None)
+                        stderr_sink=stderr_sink, stderr_log_limit=None, bwrap=bwrap)
     invocation = Invocation(spec, context, event, time.monotonic() + deadline,
                             base_environment(environ))
     return executor.run(invocation)
