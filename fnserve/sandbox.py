@@ -83,12 +83,14 @@ def sandbox_argv(bwrap: str, spec: FunctionSpec, argv: Sequence[str], cwd: Path,
             continue
         args += ["--ro-bind", path, path]
         mounted.append(path)
-    if _inside(str(functions_dir), mounted):  # under a mounted tree: hide the others
-        args += ["--tmpfs", str(functions_dir)]
+    # an empty, read-only view of the functions directory with only what it may read,
+    # even when the directory lies under a tree mounted above
+    args += ["--tmpfs", str(functions_dir)]
     for entry in [own, *shared_entries(functions_dir)]:
         args += ["--ro-bind", str(entry), str(entry)]
     for path in later:
         args += ["--ro-bind", path, path]
+    args += ["--remount-ro", str(functions_dir)]
     for path in settings.writable:
         args += ["--bind", path, path]
     args += ["--remount-ro", "/", "--setenv", "HOME", SANDBOX_HOME, "--chdir", str(cwd), "--"]

@@ -88,28 +88,35 @@ def executor(runtimes: dict[str, Runtime], stderr_lines: StderrLines) -> Iterato
     pool.shutdown()
 
 
-# -- CI must run the Go tests, never skip them -------------------------------------
+# -- CI must run the tests of real services (Go, bwrap, ...), never skip them ----------
 
-_go_tests = {"ran": 0, "skipped": 0}
+# a marker here: in CI (env CI set), a skipped test with it, or none run, fails the run
+CI_REQUIRED_MARKERS = ("go", "sandbox")
+_required = {marker: {"ran": 0, "skipped": 0} for marker in CI_REQUIRED_MARKERS}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if "go" not in report.keywords:
-        return
-    if report.skipped:
-        _go_tests["skipped"] += 1
-    elif report.when == "call":
-        _go_tests["ran"] += 1
+    for marker, counts in _required.items():
+        if marker not in report.keywords:
+            continue
+        if report.skipped:
+            counts["skipped"] += 1
+        elif report.when == "call":
+            counts["ran"] += 1
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # .ci/run sets CI: a machine without a Go toolchain must fail there, not pass quietly
-    collected_go = any("go" in item.keywords for item in session.items)
-    if os.environ.get("CI") and collected_go and (_go_tests["skipped"] or not _go_tests["ran"]):
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    # .ci/run sets CI: a machine without the toolchain or service must fail there, not pass
+    if not os.environ.get("CI"):
+        return
+    for marker, counts in _required.items():
+        collected = any(marker in item.keywords for item in session.items)
+        if collected and (counts["skipped"] or not counts["ran"]):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    terminalreporter.write_line(
-        f"go tests: {_go_tests['ran']} ran, {_go_tests['skipped']} skipped"
-        + (" (CI: skipped Go tests fail the run)" if os.environ.get("CI") else ""))
+    for marker, counts in _required.items():
+        terminalreporter.write_line(
+            f"{marker} tests: {counts['ran']} ran, {counts['skipped']} skipped"
+            + (f" (CI: skipped {marker} tests fail the run)" if os.environ.get("CI") else ""))
