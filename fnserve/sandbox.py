@@ -73,16 +73,17 @@ def sandbox_argv(bwrap: str, spec: FunctionSpec, argv: Sequence[str], cwd: Path,
              "--die-with-parent", "--new-session"]
     args += _system_mounts()
     args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-    mounted = [*_system_roots()]
+    mounted = [*_system_roots()]  # real paths
     later = []  # paths inside the functions directory go on top of its view
     for path in _unique([*_program_paths(argv[0]), *map(str, readable)]):
-        if _inside(path, mounted):
+        real = os.path.realpath(path)
+        if _inside(real, mounted):
             continue
-        if _inside(path, [str(functions_dir)]):
+        if _inside(real, [str(functions_dir)]):
             later.append(path)
             continue
         args += ["--ro-bind", path, path]
-        mounted.append(path)
+        mounted.append(real)
     # an empty, read-only view of the functions directory with only what it may read,
     # even when the directory lies under a tree mounted above
     args += ["--tmpfs", str(functions_dir)]
@@ -125,11 +126,11 @@ def sandbox_problem(spec: FunctionSpec, bwrap: str | None) -> str | None:
     if bwrap is None:
         return ('isolation = "sandbox" needs bubblewrap, and no `bwrap` is on PATH '
                 "(install the bubblewrap package)")
-    functions_dir = str((spec.package_dir or spec.entry).parent)
+    functions_dir = os.path.realpath((spec.package_dir or spec.entry).parent)
     for path in settings.writable:
         if not os.path.exists(path):
             return f"writable path {path} does not exist"
-        if _inside(functions_dir, [path]):
+        if _inside(functions_dir, [os.path.realpath(path)]):
             return (f"writable path {path} contains the functions directory, which would "
                     f"give the function the others and fnserve.toml")
     return None
@@ -174,19 +175,23 @@ def _env_program() -> str:
     return shutil.which("env", path=_SYSTEM_PATH) or "/usr/bin/env"
 
 
-def _program_paths(program: str) -> list[str]:
+@functools.lru_cache(maxsize=256)
+def _program_paths(program: str) -> tuple[str, ...]:
     """What running `program` needs outside the system: each step of its symlink chain,
-    or the Python installation (prefix) that step lives in, venvs' base included."""
+    or the Python installation (prefix) that step lives in, venvs' base included.
+
+    Cached per program for the life of the process: interpreters and built binaries do
+    not move (a new Go build is a new path)."""
     if not os.path.isabs(program):
-        return []  # found on PATH inside the sandbox, in the system directories
-    paths = []
+        return ()  # found on PATH inside the sandbox, in the system directories
+    paths: list[str] = []
     path = os.path.normpath(program)
     for _ in range(_MAX_SYMLINKS):
         paths.extend(_installation(path))
         if not os.path.islink(path):
             break
         path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
-    return paths
+    return tuple(paths)
 
 
 def _installation(path: str) -> list[str]:
@@ -222,13 +227,9 @@ def _venv_home(prefix: str) -> str | None:
     return None
 
 
-def _inside(path: str, roots: Iterable[str]) -> bool:
-    real = os.path.realpath(path)
-    for root in roots:
-        root_real = os.path.realpath(root)
-        if real == root_real or real.startswith(root_real.rstrip("/") + "/"):
-            return True
-    return False
+def _inside(real: str, roots: Iterable[str]) -> bool:
+    """Is the real path `real` one of the real paths `roots`, or below one?"""
+    return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
 
 
 def _unique(paths: Iterable[str]) -> list[str]:
