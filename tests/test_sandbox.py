@@ -452,3 +452,41 @@ def test_the_argv_mounts_only_what_the_function_may_see(fn_dir: Path) -> None:
 def test_exit_status_of_a_signalled_command() -> None:
     assert [exit_status(code) for code in (0, 1, 128, 137, 139, 192, 193, -9)] == \
         [0, 1, 128, -9, -11, -64, 193, -9]
+
+
+def test_shutdown_kills_running_sandboxes(fn_dir: Path) -> None:
+    write_function(fn_dir, "attack.py", ATTACK_PY, dedent=False)
+    mark = f"shutdown-{uuid.uuid4().hex}"
+    server = LiveServer(fn_dir, "--isolation", "sandbox", "--graceful-timeout", "1s")
+    with running(server), ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(server.post, "/function/attack",
+                              json={"action": "grandchild", "mark": mark})
+        assert wait_until(lambda: _marked(mark), timeout=10)
+        assert server.stop() == 0  # also checks that no process it started is left
+        response = waiting.result(timeout=30)
+        assert response.status_code == 503 and response.json()["code"] == "unavailable"
+    assert not _marked(mark)
+
+
+def test_an_executable_and_a_go_package_run_sandboxed(fn_dir: Path) -> None:
+    write_function(fn_dir, "who.sh", """
+        #!/bin/sh
+        echo "$(id -u) $HOME $(ls /proc | grep -c '^[0-9]')"
+    """, executable=True)
+    write_function(fn_dir, "gowho/main.go", """
+        package main
+
+        import (
+            "fmt"
+            "os"
+        )
+
+        func main() { fmt.Println(os.Getuid(), os.Getenv("HOME")) }
+    """)
+    write_toml(fn_dir, '[defaults]\nisolation = "sandbox"\n')
+    ran = fnserve_cli("run", "who", "--dir", str(fn_dir), env=os.environ)
+    uid, home, processes = ran.stdout.decode().split()
+    assert (ran.returncode, uid, home) == (0, "65534", "/tmp"), ran.stderr
+    assert int(processes) <= 5  # bwrap's init, sh, its $(...) subshell, ls and grep
+    ran = fnserve_cli("run", "gowho", "--dir", str(fn_dir), env=os.environ)
+    assert (ran.returncode, ran.stdout) == (0, b"65534 /tmp\n"), ran.stderr
