@@ -490,3 +490,17 @@ def test_an_executable_and_a_go_package_run_sandboxed(fn_dir: Path) -> None:
     assert int(processes) <= 5  # bwrap's init, sh, its $(...) subshell, ls and grep
     ran = fnserve_cli("run", "gowho", "--dir", str(fn_dir), env=os.environ)
     assert (ran.returncode, ran.stdout) == (0, b"65534 /tmp\n"), ran.stderr
+
+
+def test_an_interpreter_in_a_venv_under_tmp(fn_dir: Path, tmp_path: Path) -> None:
+    # SPEC §12: the interpreter and its libraries are readable wherever they live;
+    # here a venv under /tmp (pytest's tmp_path), itself a view onto the base install
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    write_function(fn_dir, "where.py", "import json, os, sys\n"
+                   "print(json.dumps([sys.prefix, os.getuid(), __import__('decimal').__name__]))")
+    write_toml(fn_dir, f'[functions.where]\nisolation = "sandbox"\npython = "{venv}/bin/python"\n')
+    ran = fnserve_cli("run", "where", "--dir", str(fn_dir), env=os.environ)
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout) == [str(venv), 65534, "decimal"]
