@@ -6,6 +6,13 @@ script, a built Go binary, an executable, or a fork server / pool process that
 then forks the invocations (they inherit the walls). The memory limit (prlimit)
 goes outside it: RLIMIT_DATA is inherited through bwrap by the function.
 
+A process started elsewhere (the fork server or pool process of fork/warm modes)
+gets the same walls with the same call, its extra files named in `readable`:
+
+    argv = sandbox_argv(bwrap, spec, bootstrap_argv, spec.cwd, readable=[BOOTSTRAP])
+    ...                                   # then prlimit around it, Popen as usual
+    returncode = exit_status(proc.wait()) # 128+N from bwrap is signal N again
+
 What the function gets:
 - its own user namespace, where it is uid/gid 65534 with no capabilities. Outside
   it acts as the server's user, but only on the few paths mounted below;

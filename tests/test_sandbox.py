@@ -96,9 +96,9 @@ def _write_functions(fn_dir: Path, data: Path) -> None:
         network = true
 
         [functions.slowattack]
-        timeout = "1s"
+        timeout = "3s"
         [functions.goslowattack]
-        timeout = "1s"
+        timeout = "3s"
 
         [functions.writer]
         writable = ["{data}"]
@@ -342,7 +342,7 @@ def test_client_disconnect_kills_the_sandbox(setup: Setup) -> None:
 
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(requests.post, setup.server.url("/function/attack"),
-                              json={"action": "grandchild", "mark": mark}, timeout=3)
+                              json={"action": "grandchild", "mark": mark}, timeout=5)
         assert wait_until(lambda: _marked(mark), timeout=10)
         with pytest.raises(requests.Timeout):
             waiting.result(timeout=30)  # the client gives up and closes its connection
