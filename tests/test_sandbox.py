@@ -504,3 +504,21 @@ def test_an_interpreter_in_a_venv_under_tmp(fn_dir: Path, tmp_path: Path) -> Non
     ran = fnserve_cli("run", "where", "--dir", str(fn_dir), env=os.environ)
     assert ran.returncode == 0, ran.stderr
     assert json.loads(ran.stdout) == [str(venv), 65534, "decimal"]
+
+
+def test_executor_without_bwrap_refuses_a_sandboxed_function(fn_dir: Path,
+                                                            runtimes: dict[str, Any]) -> None:
+    # the startup check makes this rare (a dev reload that turns the sandbox on)
+    from fnserve.executor import Executor
+    from tests.helpers import invocation
+
+    write_function(fn_dir, "boxed.py", "print('ran')")
+    write_toml(fn_dir, '[defaults]\nisolation = "sandbox"\n')
+    spec = load_registry(fn_dir).get("boxed")
+    pool = Executor(1, runtimes, bwrap=None)
+    try:
+        result = pool.run(invocation(spec))
+    finally:
+        pool.shutdown()
+    assert (result.outcome, result.exit_code, result.stdout) == ("failed", 127, b"")
+    assert "bwrap" in result.error
