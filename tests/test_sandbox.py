@@ -522,3 +522,21 @@ def test_executor_without_bwrap_refuses_a_sandboxed_function(fn_dir: Path,
         pool.shutdown()
     assert (result.outcome, result.exit_code, result.stdout) == ("failed", 127, b"")
     assert "bwrap" in result.error
+
+
+def test_readable_paths_of_a_process_started_elsewhere(fn_dir: Path, tmp_path: Path) -> None:
+    # how fork/warm modes start their bootstrap: its script is named in `readable`
+    write_function(fn_dir, "me.py", "print(1)")
+    bootstrap = write_function(tmp_path, "lib/_bootstrap.py", "print('booted')")
+    inside = write_function(fn_dir, "me.data", "x")  # not a function, not shared: hidden
+    spec = load_registry(fn_dir).get("me")
+    spec = dataclasses.replace(spec, settings=Settings(isolation="sandbox"))
+    argv = sandbox_argv("/usr/bin/bwrap", spec, (sys.executable, str(bootstrap)), spec.cwd,
+                        readable=[bootstrap, inside])
+    mounts = [argv[i:i + 3] for i, arg in enumerate(argv) if arg in ("--ro-bind", "--tmpfs")]
+    view = mounts.index(["--tmpfs", str(fn_dir), "--ro-bind"])
+    assert ["--ro-bind", str(bootstrap), str(bootstrap)] in mounts[:view]
+    assert ["--ro-bind", str(inside), str(inside)] in mounts[view:]  # on top of the view
+    ran = subprocess.run(argv, cwd=spec.cwd, capture_output=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    assert (ran.returncode, ran.stdout) == (0, b"booted\n"), ran.stderr
