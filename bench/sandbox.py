@@ -8,7 +8,9 @@ Run by hand, not a test:
 Calls alternate between the two sides, so drift (CPU frequency, other load) falls on
 both alike; the overhead is the difference of the medians. Also timed: building the
 bwrap argv alone (the Python side of the cost, in the server's thread), and a bare
-`bwrap ... /bin/true` against `/bin/true` (bubblewrap's own floor on this machine).
+`bwrap ... /bin/true` against `/bin/true` (bubblewrap's own floor on this machine),
+and where a sandboxed start spends its time: before the command's first output
+(set-up) or after it (tear-down).
 """
 
 from __future__ import annotations
@@ -51,6 +53,18 @@ def timed(call: Callable[[], object]) -> float:
     started = time.perf_counter()
     call()
     return (time.perf_counter() - started) * 1000
+
+
+def set_up_and_tear_down(argv: list[str], cwd: Path) -> tuple[float, float]:
+    """(spawn to the command's first byte of output, that byte to the exit seen), in ms."""
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE)
+    started = time.perf_counter()
+    assert proc.stdout is not None
+    proc.stdout.read(1)
+    output = time.perf_counter()
+    proc.wait()
+    proc.stdout.close()
+    return (output - started) * 1000, (time.perf_counter() - output) * 1000
 
 
 def executor_call(executor: Executor, spec: FunctionSpec, base_env: dict[str, str]
@@ -127,6 +141,13 @@ def main() -> None:
             wrapped.append(timed(lambda: subprocess.run(bare, check=True)))
         print(f"bare floor, subprocess.run: /bin/true median {statistics.median(plain):.2f} ms, "
               f"bwrap ... /bin/true median {statistics.median(wrapped):.2f} ms")
+        echo = ("/bin/sh", "-c", "echo x")
+        for label, argv in (("without bwrap", list(echo)),
+                            ("sandboxed", sandbox_argv(bwrap, boxed, echo, spec.cwd))):
+            phases = [set_up_and_tear_down(argv, spec.cwd) for _ in range(args.n)]
+            print(f"sh -c 'echo x' {label}: spawn to first byte median "
+                  f"{statistics.median(p[0] for p in phases):.2f} ms, first byte to exit "
+                  f"median {statistics.median(p[1] for p in phases):.2f} ms")
         executor.shutdown()
 
 
