@@ -21,10 +21,10 @@ def format_size(size: int) -> str:
 
 def describe_registry(registry: Registry, runtimes: Mapping[str, Runtime],
                       server_timeout: float | None = None,
-                      bwrap: str | None = "bwrap") -> list[dict[str, Any]]:
+                      bwrap: str | None = None) -> list[dict[str, Any]]:
     """`server_timeout` given (a server): the timeout that applies, min(own, --timeout).
     Without it (`fnserve list`): the function's own setting, None when it has none.
-    `bwrap`: None when it is missing, so sandboxed functions are listed as errors."""
+    `bwrap`: its path; None (missing) lists every sandboxed function as an error."""
     rows = []
     for spec in registry:
         problem = sandbox_problem(spec, bwrap) or runtimes[spec.runtime].problem(spec)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -54,6 +55,7 @@ _SYSTEM_PATH = "/usr/bin:/bin"
 _MAX_SYMLINKS = 40
 _SIGNAL_BASE = 128
 _MAX_SIGNAL = 64
+_PROBE_TIMEOUT = 30.0
 
 
 def find_bwrap(path: str | None) -> str | None:
@@ -132,6 +134,9 @@ def sandbox_problem(spec: FunctionSpec, bwrap: str | None) -> str | None:
     if bwrap is None:
         return ('isolation = "sandbox" needs bubblewrap, and no `bwrap` is on PATH '
                 "(install the bubblewrap package)")
+    refusal = bwrap_refusal(bwrap)
+    if refusal is not None:
+        return f"bwrap cannot make a sandbox on this machine: {refusal}"
     functions_dir = os.path.realpath((spec.package_dir or spec.entry).parent)
     for path in settings.writable:
         if not os.path.exists(path):
@@ -140,6 +145,26 @@ def sandbox_problem(spec: FunctionSpec, bwrap: str | None) -> str | None:
             return (f"writable path {path} contains the functions directory, which would "
                     f"give the function the others and fnserve.toml")
     return None
+
+
+@functools.cache
+def bwrap_refusal(bwrap: str) -> str | None:
+    """bwrap's own error when it cannot create the namespaces here (user namespaces
+    disabled, or restricted as by Ubuntu's AppArmor policy), None when it can. Asked
+    once per process: every invocation would otherwise fail the same way."""
+    probe = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+             "--unshare-uts", "--uid", SANDBOX_ID, "--gid", SANDBOX_ID, "--ro-bind", "/", "/",
+             "--proc", "/proc", "--cap-drop", "ALL", "--die-with-parent", "--new-session",
+             "--", _true_program()]
+    try:
+        done = subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=_PROBE_TIMEOUT, env={"PATH": _SYSTEM_PATH})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else f"exit status {done.returncode}"
 
 
 def shared_entries(functions_dir: Path) -> list[Path]:
@@ -174,6 +199,11 @@ def _system_mounts(network: bool) -> tuple[str, ...]:
 @functools.cache
 def _system_roots() -> tuple[str, ...]:
     return tuple(d for d in SYSTEM_DIRS if os.path.isdir(d) and not os.path.islink(d))
+
+
+@functools.cache
+def _true_program() -> str:
+    return shutil.which("true", path=_SYSTEM_PATH) or "/bin/true"
 
 
 @functools.cache

@@ -540,3 +540,20 @@ def test_readable_paths_of_a_process_started_elsewhere(fn_dir: Path, tmp_path: P
     ran = subprocess.run(argv, cwd=spec.cwd, capture_output=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
     assert (ran.returncode, ran.stdout) == (0, b"booted\n"), ran.stderr
+
+
+def test_a_bwrap_that_cannot_sandbox_is_a_startup_error(fn_dir: Path, tmp_path: Path) -> None:
+    # a kernel or policy without user namespaces cannot be made here: a stand-in bwrap
+    # answers the way the real one does there
+    env = _env_without_bwrap(tmp_path)
+    fake = tmp_path / "bin" / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    write_function(fn_dir, "boxed.py", "print(2)")
+    write_toml(fn_dir, '[functions.boxed]\nisolation = "sandbox"\n')
+    served = fnserve_cli("serve", str(fn_dir), "--port", "0", env=env, timeout=60)
+    assert served.returncode == 2, served.stderr
+    assert served.stderr.decode().strip() == (
+        "Error: function boxed: bwrap cannot make a sandbox on this machine: "
+        "bwrap: setting up uid map: Permission denied")
