@@ -149,6 +149,7 @@ func main() {
 		Pids   []int    `json:"pids"`
 		Port   int      `json:"port"`
 		Mark   string   `json:"mark"`
+		Bytes  int      `json:"bytes"`
 	}
 	if err := json.Unmarshal(raw, &event); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -230,6 +231,12 @@ func main() {
 		}
 		time.Sleep(300 * time.Second)
 		report = "not reached"
+	case "allocate":
+		block := make([]byte, event.Bytes)
+		for i := range block {
+			block[i] = 1 // touch it: the pages are really used
+		}
+		report = len(block)
 	default:
 		report = "unknown action"
 	}

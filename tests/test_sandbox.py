@@ -77,6 +77,7 @@ def _write_functions(fn_dir: Path, data: Path) -> None:
         write_function(fn_dir, f"go{base}.go", ATTACK_GO, dedent=False)
     write_function(fn_dir, "open.py", ATTACK_PY, dedent=False)
     write_function(fn_dir, "hungry.py", ATTACK_PY, dedent=False)
+    write_function(fn_dir, "gohungry.go", ATTACK_GO, dedent=False)
     write_function(fn_dir, "ok.py", "print('ok')")
     write_function(fn_dir, "other/main.py", f"print('{OTHER_SECRET}')")
     write_function(fn_dir, "_shared.py", f"MARK = '{SHARED_MARK}'\n")
@@ -106,6 +107,8 @@ def _write_functions(fn_dir: Path, data: Path) -> None:
         writable = ["{data}"]
 
         [functions.hungry]
+        memory = "64MB"
+        [functions.gohungry]
         memory = "64MB"
     """)
 
@@ -313,13 +316,17 @@ def test_deadline_kills_a_setsid_grandchild(setup: Setup, lang: str) -> None:
 # -- limits and failures behave as without the sandbox -------------------------------------
 
 
-def test_memory_limit_applies_inside(setup: Setup) -> None:
-    response = setup.server.post("/function/hungry",
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_memory_limit_applies_inside(setup: Setup, lang: str) -> None:
+    function = attack(lang, "hungry")
+    response = setup.server.post(f"/function/{function}",
                                  json={"action": "allocate", "bytes": 1024**3})
     assert response.status_code == 502, response.text
     assert response.json()["code"] == "function_failed"
-    assert response.json()["exit_code"] == 1  # MemoryError, as without a sandbox
-    small = setup.call("hungry", {"action": "allocate", "bytes": 1024**2})
+    # Python's MemoryError (1), Go's "fatal error: runtime: out of memory" (2): as
+    # without a sandbox
+    assert response.json()["exit_code"] == (1 if lang == "python" else 2)
+    small = setup.call(function, {"action": "allocate", "bytes": 1024**2})
     assert small == 1024**2
 
 
