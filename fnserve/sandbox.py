@@ -6,12 +6,11 @@ script, a built Go binary, an executable, or a fork server / pool process that
 then forks the invocations (they inherit the walls). The memory limit (prlimit)
 goes outside it: RLIMIT_DATA is inherited through bwrap by the function.
 
-A process started elsewhere (the fork server or pool process of fork/warm modes)
-gets the same walls with the same call, its extra files named in `readable`:
-
-    argv = sandbox_argv(bwrap, spec, bootstrap_argv, spec.cwd, readable=[BOOTSTRAP])
-    ...                                   # then prlimit around it, Popen as usual
-    returncode = exit_status(proc.wait()) # 128+N from bwrap is signal N again
+The executor applies it in `Executor.process_argv`, the one argv builder of
+every process of a function: a process-mode run, and the fork server or warm
+pool process of fork/warm modes, whose bootstrap script is named in `readable`
+(channel.py). Every invocation such a process serves inherits the walls; /tmp is
+then per fork server or pool process, not per invocation.
 
 What the function gets:
 - its own user namespace, where it is uid/gid 65534 with no capabilities. Outside

@@ -244,3 +244,35 @@ func main() {
 	fmt.Println(string(out))
 }
 '''
+
+# fork and warm modes (SPEC §8): the same walls, in a handler
+ATTACK_HANDLER = r'''
+import os, subprocess, time
+
+
+def attempt(call):
+    try:
+        return {"ok": True, "value": call()}
+    except Exception as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def read(path):
+    with open(path, "rb") as handle:
+        return handle.read().decode("utf-8", "replace")
+
+
+def handler(event, context):
+    action = event["action"]
+    if action == "whoami":
+        return {"uid": os.getuid(), "home": os.environ.get("HOME"),
+                "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}
+    if action == "read":
+        return {path: attempt(lambda path=path: read(path)) for path in event["paths"]}
+    if action == "grandchild":
+        subprocess.Popen(["/bin/sh", "-c", "sleep 300; : " + event["mark"]],
+                         start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+        time.sleep(300)
+    return "unknown action"
+'''

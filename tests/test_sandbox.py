@@ -32,7 +32,7 @@ from fnserve.registry import Settings, load_registry
 from fnserve.sandbox import exit_status, sandbox_argv
 from tests.helpers import fnserve_cli, wait_until, write_function, write_toml
 from tests.live import LiveServer, assert_serving, running, the_worker
-from tests.sandbox_functions import ATTACK_GO, ATTACK_PY
+from tests.sandbox_functions import ATTACK_GO, ATTACK_HANDLER, ATTACK_PY
 
 BWRAP = shutil.which("bwrap")
 SECRET = "worker-secret-3f9a1c"
@@ -56,6 +56,7 @@ pytestmark = [
 ]
 
 LANGUAGES = {"python": "", "go": "go"}  # name prefix of each language's functions
+MODES = ("fork", "warm")  # SPEC §8: the fork server or pool process starts in the sandbox
 
 
 @dataclasses.dataclass
@@ -79,6 +80,8 @@ def _write_functions(fn_dir: Path, data: Path) -> None:
     write_function(fn_dir, "hungry.py", ATTACK_PY, dedent=False)
     write_function(fn_dir, "gohungry.go", ATTACK_GO, dedent=False)
     write_function(fn_dir, "ok.py", "print('ok')")
+    for mode in MODES:
+        write_function(fn_dir, f"{mode}attack.py", ATTACK_HANDLER, dedent=False)
     write_function(fn_dir, "other/main.py", f"print('{OTHER_SECRET}')")
     write_function(fn_dir, "_shared.py", f"MARK = '{SHARED_MARK}'\n")
     write_toml(fn_dir, f"""
@@ -105,6 +108,14 @@ def _write_functions(fn_dir: Path, data: Path) -> None:
         writable = ["{data}"]
         [functions.gowriter]
         writable = ["{data}"]
+
+        [functions.forkattack]
+        mode = "fork"
+        timeout = "3s"
+        [functions.warmattack]
+        mode = "warm"
+        pool = 1
+        timeout = "3s"
 
         [functions.hungry]
         memory = "64MB"
@@ -564,3 +575,38 @@ def test_a_bwrap_that_cannot_sandbox_is_a_startup_error(fn_dir: Path, tmp_path: 
     assert served.stderr.decode().strip() == (
         "Error: function boxed: bwrap cannot make a sandbox on this machine: "
         "bwrap: setting up uid map: Permission denied")
+
+
+# -- fork and warm modes: the fork server or pool process starts inside -------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fork_and_warm_run_inside_the_sandbox(setup: Setup, mode: str) -> None:
+    function = f"{mode}attack"
+    inside = setup.call(function, {"action": "whoami"})
+    assert (inside["uid"], inside["home"]) == (65534, "/tmp")
+    # bwrap's init, the fork server or pool process, and (fork) the forked child
+    assert inside["pids"] and max(inside["pids"]) < 100, inside
+    worker = the_worker(setup.server).pid
+    path = f"/proc/{worker}/environ"
+    report = setup.call(function, {"action": "read", "paths": [path]})
+    assert not report[path]["ok"] and SECRET not in json.dumps(report)
+    rows = {row["name"]: row for row in setup.server.get("/functions").json()["functions"]}
+    assert (rows[function]["mode"], rows[function]["isolation"]) == (mode, "sandbox")
+
+
+def test_warm_deadline_kills_a_setsid_grandchild(setup: Setup) -> None:
+    # warm: the deadline kills the pool process, i.e. its bwrap, i.e. the namespace. Not
+    # fork: there the deadline kills the forked child's group, and a setsid() grandchild
+    # lives on in the fork server's namespace until that ends (docs/reliability.md)
+    mark = f"warm-grandchild-{uuid.uuid4().hex}"
+    function = "warmattack"
+    assert setup.call(function, {"action": "whoami"})  # started before the clock runs
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(setup.server.post, f"/function/{function}",
+                              json={"action": "grandchild", "mark": mark})
+        assert wait_until(lambda: _marked(mark), timeout=10), "the grandchild never started"
+        response = waiting.result(timeout=30)
+    assert response.status_code == 504, response.text
+    assert wait_until(lambda: not _marked(mark), timeout=10), _marked(mark)
+    assert setup.call(function, {"action": "whoami"})["uid"] == 65534  # and it serves on
