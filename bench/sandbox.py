@@ -40,6 +40,12 @@ FUNCTIONS = {
     "noop.py": "import sys\nsys.stdin.read()\nprint('{}')\n",
     "nop.sh": "#!/bin/sh\nexit 0\n",
 }
+HANDLER = "def handler(event, context):\n    return {}\n"
+# fork and warm (SPEC §8): one function per mode and isolation, each its own process
+MODE_TOML = "".join(
+    f'[functions.{mode}{box}]\nmode = "{mode}"\npool = 1\n'
+    + ('isolation = "sandbox"\n' if box else "")
+    for mode in ("fork", "warm") for box in ("", "box"))
 
 
 def make_functions(directory: Path) -> None:
@@ -47,6 +53,10 @@ def make_functions(directory: Path) -> None:
         (directory / name).write_text(source)
     (directory / "nop.sh").chmod(0o755)
     (directory / "_helpers.py").write_text("")
+    for mode in ("fork", "warm"):
+        for box in ("", "box"):
+            (directory / f"{mode}{box}.py").write_text(HANDLER)
+    (directory / "fnserve.toml").write_text(MODE_TOML)
 
 
 def timed(call: Callable[[], object]) -> float:
@@ -122,6 +132,17 @@ def main() -> None:
                 none.append(timed(plain_call))
                 sandbox.append(timed(boxed_call))
             print(row(label, none, sandbox))
+        for mode in ("fork", "warm"):  # the sandbox is set up once, by the first call
+            plain_call = executor_call(executor, registry.get(mode), base_env)
+            boxed_call = executor_call(executor, registry.get(f"{mode}box"), base_env)
+            for _ in range(5):
+                plain_call()
+                boxed_call()
+            none, sandbox = [], []
+            for _ in range(args.n):
+                none.append(timed(plain_call))
+                sandbox.append(timed(boxed_call))
+            print(row(f"python {mode} (handler)", none, sandbox))
         spec = registry.get("noop")
         boxed = dataclasses.replace(spec, settings=dataclasses.replace(
             spec.settings, isolation="sandbox"))
