@@ -68,6 +68,9 @@ def create_app(config: Config, registry: Registry | None = None) -> Flask:
     from .api.jobs import blueprint as jobs_blueprint  # it uses this module's request checks
 
     app.register_blueprint(jobs_blueprint)
+    from .api.history import register as register_history  # it imports this module
+
+    register_history(app, state)  # recording, /invocations, the dashboard at /
     return app
 
 
@@ -215,7 +218,8 @@ def _add_routes(app: Flask, state: Service) -> None:
     @app.route("/functions", methods=["GET"])
     def functions() -> Any:
         _check_auth(config)
-        return {"functions": describe_registry(state.registry, state.runtimes, config.timeout)}
+        return {"functions": describe_registry(state.registry, state.runtimes, config.timeout,
+                                               bwrap=state.executor.bwrap)}
 
     @app.route("/stats", methods=["GET"])
     def stats() -> Any:

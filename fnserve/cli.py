@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -23,6 +23,9 @@ from .config import (
 from .errors import FnServeError
 from .executor import DEFAULT_MAX_OUTPUT
 from .listing import format_size
+
+if TYPE_CHECKING:
+    from .executor import Result
 
 EXIT_FAILED = 1  # output too large, build failed
 EXIT_USAGE = 2
@@ -118,15 +121,18 @@ def dev(directory: str | None, **flags: Any) -> None:
 
 
 def _serve(config: Config) -> None:
+    from .history import check_history
     from .server import serve as run_server
 
     try:
+        check_history(config.history)  # an unusable --history is a startup error, exit 2
         run_server(config)
     except FnServeError as exc:
         raise CliError(str(exc)) from None
 
 
-WORKER_OPTIONS = ("queue", "timeout", "max-output", "pass-env", "graceful-timeout", "log-format")
+WORKER_OPTIONS = ("queue", "timeout", "max-output", "pass-env", "graceful-timeout", "log-format",
+                  "history", "history-max")
 
 
 def _worker_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -222,20 +228,28 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
                               max_output=output_limit)
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGNAL_BASE + 2)
+    except FnServeError as exc:  # a sandboxed function and no bwrap
+        raise CliError(str(exc)) from None
     except OSError as exc:  # FnServe's own trouble (an unwritable cache): say it in a line
         click.echo(f"fnserve: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     finally:
         REAPER.stop()
+    exit_with_result(spec.name, result, output_limit)
+
+
+def exit_with_result(name: str, result: Result,
+                     max_output: int = DEFAULT_MAX_OUTPUT) -> NoReturn:
+    """What `fnserve run` (and `fnserve replay`) print for a Result, and the exit status."""
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     if result.outcome == "timeout":
-        click.echo(f"fnserve: {spec.name} timed out after "
+        click.echo(f"fnserve: {name} timed out after "
                    f"{format_duration(result.context.deadline or 0)}", err=True)
         sys.exit(EXIT_TIMEOUT)
     if result.outcome == "output_too_large":
-        click.echo(f"fnserve: {spec.name} wrote more than the output limit of "
-                   f"{format_size(output_limit)} (--max-output); it was killed", err=True)
+        click.echo(f"fnserve: {name} wrote more than the output limit of "
+                   f"{format_size(max_output)} (--max-output); it was killed", err=True)
         sys.exit(EXIT_FAILED)
     if result.outcome == "build_failed":
         click.echo(f"fnserve: {result.error}", err=True)
@@ -243,7 +257,7 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
     if result.error:
         click.echo(f"fnserve: {result.error}", err=True)
     if result.signal is not None:
-        click.echo(f"fnserve: {spec.name} was killed by signal {result.signal} "
+        click.echo(f"fnserve: {name} was killed by signal {result.signal} "
                    f"({_signal_name(result.signal)})", err=True)
         sys.exit(EXIT_SIGNAL_BASE + result.signal)
     sys.exit(result.exit_code or 0)
@@ -279,12 +293,19 @@ def list_functions(directory: str) -> None:
     if not rows:
         click.echo(f"no functions in {directory}")
         return
-    table = [("NAME", "RUNTIME", "MODE", "TIMEOUT", "MEMORY", "STATUS")] + [
+    table = [("NAME", "RUNTIME", "MODE", "TIMEOUT", "MEMORY", "ISOLATION", "STATUS")] + [
         (r["name"], r["runtime"], r["mode"] or "-", r["timeout"] or "-", r["memory"] or "-",
-         r["status"] if r["status"] == "ok" else f"error: {r['error']}")
+         r["isolation"], r["status"] if r["status"] == "ok" else f"error: {r['error']}")
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    widths = [max(len(row[i]) for row in table) for i in range(6)]
     for row in table:
-        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
-        click.echo("  ".join([*cells, row[5].splitlines()[0] if row[5] else ""]))
+        cells = [cell.ljust(width) for cell, width in zip(row[:6], widths, strict=True)]
+        click.echo("  ".join([*cells, row[6].splitlines()[0] if row[6] else ""]))
+
+
+# fnserve history / show / replay (SPEC §10) live in their own module
+from .history_cli import history, replay, show  # noqa: E402
+
+for _command in (history, show, replay):
+    main.add_command(_command)

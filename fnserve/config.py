@@ -98,6 +98,15 @@ def _log_format(value: Any) -> str:
     return str(value)
 
 
+ISOLATIONS = ("none", "sandbox")
+
+
+def parse_isolation(value: Any) -> str:
+    if value not in ISOLATIONS:
+        raise ValueError(f"must be one of {', '.join(ISOLATIONS)}, not {value!r}")
+    return str(value)
+
+
 def _queue_url(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith(("redis://", "rediss://")):
         raise ValueError(f"not a Redis URL: {value!r} (use redis://HOST:PORT/DB)")
@@ -157,6 +166,9 @@ OPTIONS: tuple[Option, ...] = (
            metavar="DURATION"),
     Option("log-format", _log_format, "json", "Log format.", dev_default="text",
            metavar="json|text"),
+    Option("isolation", parse_isolation, "none",
+           "Isolation of functions that do not set theirs (sandbox: bubblewrap).",
+           metavar="none|sandbox"),
     Option("queue", _queue_url, None,
            "Queue async invocations in Redis (run by `fnserve worker`); default: in memory.",
            metavar="redis://HOST:PORT/DB"),
@@ -164,6 +176,11 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N"),
     Option("result-ttl", parse_duration, 86400.0, "How long a finished job's result is kept.",
            metavar="DURATION"),
+    Option("history", _text, None,
+           "Invocation history file, or off (default: ~/.local/share/fnserve/history.sqlite3).",
+           metavar="PATH|off"),
+    Option("history-max", _positive_int, 10000, "Invocations the history keeps (the newest).",
+           metavar="N"),
 )
 OPTIONS_BY_FIELD = {option.field: option for option in OPTIONS}
 
@@ -183,6 +200,7 @@ class Config:
     pass_env: tuple[str, ...] = ()
     graceful_timeout: float = 35.0
     log_format: str = "json"
+    isolation: str = "none"  # the default of functions that do not set theirs (SPEC §12)
     queue: str | None = None
     queue_size: int = 1000
     result_ttl: float = 86400.0
@@ -191,6 +209,8 @@ class Config:
     base_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     cache_dir: Path = Path(".cache/fnserve")
     build_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    history: Path | None = None  # None: no history (--history off)
+    history_max: int = 10000
 
 
 def read_toml(functions_dir: Path) -> dict[str, Any]:
@@ -215,6 +235,15 @@ def cache_dir(environ: Mapping[str, str]) -> Path:
     if xdg:
         return Path(xdg) / "fnserve"
     return Path(environ.get("HOME") or Path.home()) / ".cache" / "fnserve"
+
+
+def history_path(environ: Mapping[str, str], value: str | None = None) -> Path | None:
+    """--history PATH|off; unset: $XDG_DATA_HOME/fnserve or ~/.local/share/fnserve."""
+    if value is not None:
+        return None if value.strip().lower() == "off" else Path(value).expanduser().resolve()
+    xdg = environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path(environ.get("HOME") or Path.home()) / ".local" / "share"
+    return base / "fnserve" / "history.sqlite3"
 
 
 def build_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -280,7 +309,7 @@ def load_config(
     # fail later in the app; imported here because registry imports this module
     from .registry import load_settings
 
-    load_settings(directory, document)
+    load_settings(directory, document, "none")
 
     values: dict[str, Any] = {}
     for option in OPTIONS:
@@ -309,6 +338,7 @@ def load_config(
         graceful_timeout=graceful,
         forward_headers=forward,
         dev=dev,
+        history=history_path(environ, values.pop("history")),
         **values,
     )
 

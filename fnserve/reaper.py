@@ -23,6 +23,9 @@ started (no FN_REQUEST_ID in its environment yet) for an orphan:
     ...
     proc.wait(); reaper.release(proc.pid)
 
+A short-lived child can simply run inside spawning() (`with REAPER.spawning():
+subprocess.run(...)`): no sweep judges an unknown child meanwhile.
+
 The gunicorn master is a subreaper too: when a worker dies without its
 worker_exit (SIGKILL, a crash), the functions it was running are re-parented to
 the master, which kills them and their process groups (kill_adopted_children).
