@@ -1,9 +1,9 @@
 """The HTTP API (SPEC §3): create_app(config) -> a Flask app.
 
 An invocation reads top to bottom: auth -> registry (404) -> bounded body (413)
--> JSON check (400) -> limiter (429) -> context -> executor -> stats/logs ->
-response. The cheapest refusal comes first, and no slot is taken for a request
-that is refused anyway.
+-> JSON check (400) -> service.py (limiter 429, context, executor, stats, log,
+history) -> the Outcome as the response. The cheapest refusal comes first, and no
+slot is taken for a request that is refused anyway.
 """
 
 from __future__ import annotations
@@ -12,96 +12,51 @@ import functools
 import hmac
 import json
 import logging
-import re
 import select
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 from flask import Flask, Response, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_input_stream
 
-from .config import Config, format_duration
-from .context import Context, forwarded_env, make_context, request_id_from, tracing_from
+from .config import Config
+from .context import forwarded_env, request_id_from, tracing_from
 from .errors import (
     INVOKE_METHODS,
-    BuildFailed,
     ClientClosed,
     FnServeError,
-    FunctionFailed,
-    FunctionTimeout,
     InvalidJSON,
     MethodNotAllowed,
-    OutputTooLarge,
     PayloadTooLarge,
-    TooManyRequests,
     Unauthorized,
-    Unavailable,
 )
-from .executor import Executor, Invocation, Result, Run
-from .limiter import Limiter
+from .executor import Result, Run
 from .listing import describe_registry
-from .logs import function_log, invocation_log
-from .registry import FunctionSpec, Registry, load_registry
-from .runtimes import Runtime, make_runtimes
-from .stats import Stats, StatsCollector
+from .outcome import Outcome, from_error, parse_json
+from .registry import Registry
+from .service import InvocationRequest, Service, log_invocation
 
 log = logging.getLogger("fnserve.app")
 
 METHODS = list(INVOKE_METHODS)
 DISCONNECT_POLL = 0.25  # seconds between checks that the client is still there
-DEV_STDERR_TAIL = 4096
-_FIRST_BYTE = re.compile(rb"\s*(\S)")
 _READ_CHUNK = 64 * 1024
 
 
-@dataclass
-class State:
-    """Everything one app instance owns; the server's hooks reach it through the app."""
-
-    config: Config
-    registry: Registry
-    runtimes: dict[str, Runtime]
-    executor: Executor
-    limiter: Limiter
-    stats: Stats
-    metrics: CollectorRegistry
-    draining: bool = False
-
-
-def get_state(app: Flask) -> State:
-    state: State = app.extensions["fnserve"]
-    return state
-
-
-def _log_stderr(invocation: Invocation, line: str) -> None:
-    function_log.info(line, extra={"function": invocation.spec.name, "stream": "stderr",
-                                   "request_id": invocation.context.request_id})
+def get_state(app: Flask) -> Service:
+    service: Service = app.extensions["fnserve"]
+    return service
 
 
 def create_app(config: Config, registry: Registry | None = None) -> Flask:
-    if registry is None:
-        registry = load_registry(config.functions_dir)
-    for warning in registry.warnings:
+    state = Service(config, registry)
+    for warning in state.registry.warnings:
         log.warning(warning)
-    runtimes = make_runtimes(config.cache_dir, config.build_env)
-    stats = Stats()
-    metrics = CollectorRegistry(auto_describe=False)
-    metrics.register(StatsCollector(stats))
-    state = State(
-        config=config,
-        registry=registry,
-        runtimes=runtimes,
-        executor=Executor(config.workers, runtimes, stderr_sink=_log_stderr),
-        limiter=Limiter(config.concurrency),
-        stats=stats,
-        metrics=metrics,
-    )
     app = Flask("fnserve")
     app.extensions["fnserve"] = state
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -148,28 +103,8 @@ def _read_body(limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _removed(path: Path) -> bool:
-    try:
-        path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return True
-    except OSError:  # unreadable is not gone: the start fails and says why
-        return False
-    return False
-
-
 def _is_json_type(mimetype: str) -> bool:
     return mimetype == "application/json" or mimetype.endswith("+json")
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
-
-
-def _parse_json(data: bytes) -> None:
-    """Raise ValueError unless `data` is JSON (RFC 8259): Python's json takes NaN and
-    Infinity, which JSON.parse and most other parsers refuse."""
-    json.loads(data, parse_constant=_not_json)
 
 
 _GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
@@ -200,45 +135,6 @@ def _wait(run: Run, environ: dict[str, Any]) -> Result:
         raise
 
 
-def _error_for(result: Result, state: State, deadline: float) -> FnServeError | None:
-    config = state.config
-    outcome = result.outcome
-    if outcome == "ok":
-        return None
-    if outcome == "timeout":
-        return FunctionTimeout(f"function timed out after {format_duration(deadline)}")
-    if outcome == "output_too_large":
-        return OutputTooLarge(f"function output is larger than {config.max_output} bytes")
-    if outcome == "build_failed":
-        return BuildFailed(result.error or "function does not build")
-    if outcome == "cancelled":
-        # killed by the shutdown, the client is still there and deserves an answer
-        return Unavailable() if state.draining else ClientClosed()
-    extra: dict[str, Any] = {}
-    if result.signal is not None:
-        extra["signal"] = result.signal
-        message = f"function was killed by signal {result.signal}"
-    else:
-        extra["exit_code"] = result.exit_code
-        message = result.error or f"function exited with status {result.exit_code}"
-    if config.dev:
-        extra["stderr"] = result.stderr_tail[-DEV_STDERR_TAIL:].decode("utf-8", "replace")
-    return FunctionFailed(message, **extra)
-
-
-def _success(result: Result) -> Response:
-    body = result.stdout
-    content_type = "text/plain; charset=utf-8"
-    head = _FIRST_BYTE.match(body)  # not body.lstrip(): that copies up to --max-output
-    if head and head.group(1) in b'{["-0123456789tfn':
-        try:
-            _parse_json(body)
-            content_type = "application/json"
-        except ValueError:
-            pass  # not JSON: plain text, as the SPEC says
-    return Response(body, status=200, content_type=content_type)
-
-
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """docs/openapi.yaml (shipped in the package as fnserve/openapi.yaml), parsed once."""
@@ -247,18 +143,16 @@ def openapi_document() -> dict[str, Any]:
     return document
 
 
-def _error_response(error: FnServeError) -> Response:
-    request_id = getattr(g, "request_id", None)
-    response = Response(json.dumps(error.body(request_id)), status=error.status,
-                        content_type="application/json")
-    response.headers.update(error.headers)
+def _response(outcome: Outcome) -> Response:
+    response = Response(outcome.body, status=outcome.status, content_type=outcome.content_type)
+    response.headers.update(outcome.headers)
     return response
 
 
 # -- routes -----------------------------------------------------------------------
 
 
-def _add_routes(app: Flask, state: State) -> None:
+def _add_routes(app: Flask, state: Service) -> None:
     config = state.config
 
     # "/function/" too, so an empty name is a 404 with a request id like any bad name
@@ -280,49 +174,18 @@ def _add_routes(app: Flask, state: State) -> None:
             event = b"{}"
         elif _is_json_type(request.mimetype):
             try:
-                _parse_json(event)
+                parse_json(event)
             except ValueError:
                 raise InvalidJSON() from None
-        deadline = spec.deadline(config.timeout)
-        context = make_context(
-            spec.name, deadline, request_id=g.request_id, tracing=g.tracing,
-            parameters={key: request.args[key] for key in request.args},
-            forwarded=forwarded_env(request.headers.get, config.forward_headers),
-            configured_env=spec.settings.env,
-        )
-        try:
-            with state.limiter.admit():
-                result = _run(state, spec, context, event, deadline)
-        except TooManyRequests:
-            g.outcome = "rejected"
-            state.stats.rejected(spec.name)
-            raise
-        error = _error_for(result, state, deadline)
-        if isinstance(error, FunctionFailed) and _removed(spec.entry):
-            # deleted since this worker scanned DIR (serve rescans only on SIGHUP): say
-            # so, rather than only "exited with status 2" from an interpreter that could
-            # not open its script; the path itself is not the client's business
-            error = FunctionFailed(f"{error} (its file was removed from the functions "
-                                   f"directory)", **error.extra)
-        if error is not None:
-            raise error
-        return _success(result)
-
-    def _run(state: State, spec: FunctionSpec, context: Context, event: bytes,
-             deadline: float) -> Result:
-        admitted = time.monotonic()
-        state.stats.admitted(spec.name)
-        outcome = "internal"
-        try:
-            # the deadline runs from admission: reading a slow upload does not use it up
-            invocation = Invocation(spec, context, event, admitted + deadline,
-                                    config.base_env, config.max_output)
-            result = _wait(state.executor.submit(invocation), request.environ)
-            outcome = result.outcome
-            return result
-        finally:
-            g.outcome = outcome
-            state.stats.finished(spec.name, outcome, time.monotonic() - admitted)
+        outcome = state.invoke(
+            InvocationRequest(
+                spec, event, g.request_id, g.tracing,
+                parameters={key: request.args[key] for key in request.args},
+                forwarded=forwarded_env(request.headers.get, config.forward_headers),
+                method=request.method, received_at=g.started),
+            watch=functools.partial(_wait, environ=request.environ))
+        g.logged = True  # the service logged it
+        return _response(outcome)
 
     @app.after_request
     def invocation_headers(response: Response) -> Response:
@@ -332,14 +195,18 @@ def _add_routes(app: Flask, state: State) -> None:
         response.headers["X-Request-Id"] = g.request_id
         response.headers["traceparent"] = g.tracing.traceparent
         response.headers["X-Duration-Seconds"] = f"{elapsed:.6f}"
-        outcome = g.get("outcome") or ("ok" if response.status_code < 400 else "error")
-        invocation_log.info(
-            f"{request.method} /function/{g.function} {response.status_code}",
-            extra={"request_id": g.request_id, "function": g.function, "method": request.method,
-                   "status": response.status_code, "outcome": outcome,
-                   "duration_ms": round(elapsed * 1000, 3), "trace_id": g.tracing.trace_id},
-        )
         return response
+
+    def refused(error: FnServeError) -> Response:
+        """A refusal before the service (401, 404, 413, 400...): the same Outcome mapping
+        and the same log line as a run, never counted."""
+        outcome = from_error(error, g.get("request_id"))
+        if request.endpoint == "invoke" and hasattr(g, "started") and not g.get("logged"):
+            g.logged = True
+            log_invocation(outcome, function=g.function, request_id=g.request_id,
+                           trace_id=g.tracing.trace_id, method=request.method, source="http",
+                           received_at=g.started)
+        return _response(outcome)
 
     @app.route("/functions", methods=["GET"])
     def functions() -> Any:
@@ -368,8 +235,7 @@ def _add_routes(app: Flask, state: State) -> None:
 
     @app.errorhandler(FnServeError)
     def fnserve_error(error: FnServeError) -> Response:
-        g.setdefault("outcome", error.code)  # refused before admission: log why
-        return _error_response(error)
+        return refused(error)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
@@ -386,6 +252,5 @@ def _add_routes(app: Flask, state: State) -> None:
     @app.errorhandler(Exception)
     def internal_error(error: Exception) -> Response:
         log.exception("internal error on %s %s", request.method, request.path)
-        g.setdefault("outcome", "internal")
-        return _error_response(FnServeError("internal error"))
+        return refused(FnServeError("internal error"))
 

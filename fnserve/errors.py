@@ -15,6 +15,14 @@ class FnServeError(Exception):
     status = 500
     code = "internal"
     message = "internal error"
+    # the word statistics, metrics, logs and history use (outcome.py); a refusal
+    # before anything ran is logged under its code
+    outcome = "internal"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "outcome" not in cls.__dict__:
+            cls.outcome = cls.code
 
     def __init__(self, message: str | None = None, **extra: Any) -> None:
         super().__init__(message or self.message)
@@ -74,6 +82,7 @@ class TooManyRequests(FnServeError):
     status = 429
     code = "too_many_requests"
     message = "too many requests"
+    outcome = "rejected"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -84,6 +93,7 @@ class FunctionFailed(FnServeError):
     status = 502
     code = "function_failed"
     message = "function failed"
+    outcome = "failed"
 
 
 class OutputTooLarge(FnServeError):
@@ -98,10 +108,19 @@ class BuildFailed(FnServeError):
     message = "function does not build"
 
 
+class InitFailed(FnServeError):
+    """fork/warm mode: the module does not import, or has no handler (SPEC §8)."""
+
+    status = 502
+    code = "init_failed"
+    message = "function failed to initialise"
+
+
 class FunctionTimeout(FnServeError):
     status = 504
     code = "timeout"
     message = "function timed out"
+    outcome = "timeout"
 
 
 class ClientClosed(FnServeError):
@@ -110,12 +129,18 @@ class ClientClosed(FnServeError):
     status = 499
     code = "cancelled"
     message = "client closed the connection"
+    outcome = "cancelled"
 
 
 class Unavailable(FnServeError):
     status = 503
     code = "unavailable"
     message = "server is shutting down"
+    outcome = "unavailable"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class ConfigError(FnServeError):

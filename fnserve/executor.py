@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from .context import Context, function_environment
 from .registry import FunctionSpec
@@ -50,6 +51,7 @@ class Invocation:
     deadline_at: float  # time.monotonic() by which the function must be done
     base_env: Mapping[str, str] = field(default_factory=dict)
     max_output: int = DEFAULT_MAX_OUTPUT
+    client_context: Any = None  # Lambda's ClientContext (SPEC §9), for the handler's context
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class Result:
     signal: int | None = None
     duration: float = 0.0  # seconds from spawn to reap
     error: str = ""  # build error or start failure, for the caller
+    # a Python handler's exception (fork/warm mode), as Lambda reports it
+    error_type: str = ""
+    error_message: str = ""
+    stack_trace: tuple[str, ...] = ()
+    max_rss_kb: int | None = None  # peak RSS of the function's process, when known
 
     @property
     def ok(self) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -12,6 +11,7 @@ from .config import build_environment, cache_dir
 from .context import base_environment, make_context
 from .errors import NotFound, UsageError
 from .executor import Executor, Invocation, Result, StderrSink
+from .outcome import parse_json
 from .registry import FunctionSpec, load_registry, spec_for_path
 from .runtimes import make_runtimes
 
@@ -44,7 +44,7 @@ def parse_event(data: str | bytes | None) -> bytes:
     if not raw.strip():
         return b"{}"
     try:
-        json.loads(raw)
+        parse_json(raw)
     except ValueError as exc:
         raise UsageError(f"--data is not valid JSON: {exc}") from None
     return raw

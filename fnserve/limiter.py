@@ -14,12 +14,19 @@ class Limiter:
         self.limit = limit
         self._slots = threading.BoundedSemaphore(limit)
 
+    def acquire(self) -> None:
+        """Take one slot now or raise TooManyRequests; the caller must release() it."""
+        if not self._slots.acquire(blocking=False):
+            raise TooManyRequests()
+
+    def release(self) -> None:
+        self._slots.release()
+
     @contextmanager
     def admit(self) -> Iterator[None]:
         """Hold one slot for the body of the with-block, or raise TooManyRequests at once."""
-        if not self._slots.acquire(blocking=False):
-            raise TooManyRequests()
+        self.acquire()
         try:
             yield
         finally:
-            self._slots.release()
+            self.release()
