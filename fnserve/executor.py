@@ -230,7 +230,7 @@ class Executor:
             _killpg(proc.pid)
             proc.wait()
             raise
-        returncode = proc.wait()
+        returncode, max_rss_kb = _reap(proc)
         duration = time.monotonic() - started
         stderr.close()
         if outcome is None:
@@ -239,7 +239,7 @@ class Executor:
             outcome, context, stdout=stdout, stderr_tail=stderr.tail(),
             exit_code=returncode if returncode >= 0 else None,
             signal=-returncode if returncode < 0 else None,
-            duration=duration,
+            duration=duration, max_rss_kb=max_rss_kb,
         )
 
     def _with_memory_limit(self, argv: tuple[str, ...], memory: int | None) -> list[str]:
@@ -405,6 +405,19 @@ def _killpg(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         return
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, int | None]:
+    """Reap the leader with wait4, for its peak RSS (Lambda's Max Memory Used): its
+    returncode as Popen reports it, and ru_maxrss in KiB (Linux's unit)."""
+    if proc.returncode is not None:  # already reaped (cannot happen here, but be exact)
+        return proc.returncode, None
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # reaped elsewhere: the status is lost, as Popen says
+        return proc.wait(), None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss
 
 
 def _has_exited(pid: int) -> bool:
