@@ -4,6 +4,7 @@ any change to what it signed, or the wrong key, or a stale date, must not."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from urllib.parse import urlsplit
 
@@ -116,3 +117,13 @@ def test_unsigned_and_malformed_requests() -> None:
         verify(replace_header(request, "X-Amz-Date", "yesterday"), SECRET, time.time())
     assert is_signed(dict(request.headers)["Authorization"])
     assert not is_signed(None) and not is_signed("Bearer x")
+
+
+def test_a_declared_payload_hash_is_signed_and_checked_against_the_body() -> None:
+    unsigned_payload = signed(headers={"X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"})
+    verify(unsigned_payload, SECRET, time.time())
+    other = hashlib.sha256(b"another body").hexdigest()
+    with pytest.raises(BadSignature, match="body's hash"):
+        verify(signed(headers={"X-Amz-Content-SHA256": other}), SECRET, time.time())
+    right = hashlib.sha256(b'{"a": 1}').hexdigest()
+    verify(signed(headers={"X-Amz-Content-SHA256": right}), SECRET, time.time())

@@ -13,13 +13,14 @@ the service must be `lambda` and X-Amz-Date within MAX_SKEW of the server's cloc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
 from calendar import timegm
 from collections.abc import Sequence
 from dataclasses import dataclass
-from time import strptime
+from datetime import datetime
 from urllib.parse import parse_qsl, quote
 
 from botocore.auth import SigV4Auth
@@ -29,7 +30,7 @@ from botocore.credentials import Credentials
 ALGORITHM = "AWS4-HMAC-SHA256"
 SERVICE = "lambda"
 MAX_SKEW = 15 * 60  # seconds between X-Amz-Date and the server's clock
-_AMZ_DATE = "%Y%m%dT%H%M%SZ"
+_AMZ_DATE = re.compile(r"(\d{4})(\d\d)(\d\d)T(\d\d)(\d\d)(\d\d)Z")
 _FIELD = re.compile(r"\s*(Credential|SignedHeaders|Signature)=([^,\s]*)\s*")
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")
 _HEADER_LIST = re.compile(r"[a-z0-9-]+(;[a-z0-9-]+)*")
@@ -43,7 +44,7 @@ class BadSignature(Exception):
     """A signature is there, but malformed, stale, for another service, or wrong."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # not slots: cached_property needs the instance __dict__
 class SignedRequest:
     """What the verifier needs of an HTTP request, as it came over the wire."""
 
@@ -53,12 +54,19 @@ class SignedRequest:
     headers: Sequence[tuple[str, str]]
     body: bytes
 
-    def header(self, name: str) -> str | None:
-        lowered = name.lower()
+    @functools.cached_property
+    def _by_name(self) -> dict[str, list[str]]:
+        index: dict[str, list[str]] = {}
         for key, value in self.headers:
-            if key.lower() == lowered:
-                return value
-        return None
+            index.setdefault(key.lower(), []).append(value)
+        return index
+
+    def header(self, name: str) -> str | None:
+        values = self._by_name.get(name.lower())
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        return self._by_name.get(name, [])
 
 
 @dataclass(frozen=True)
@@ -104,11 +112,15 @@ def _parse_authorization(value: str) -> _Authorization:
 class _ExactHeadersSigV4(SigV4Auth):
     """botocore's SigV4 with exactly the headers the client signed, no more, no fewer."""
 
-    def __init__(self, secret: str, authorization: _Authorization, query: str) -> None:
+    def __init__(self, secret: str, authorization: _Authorization,
+                 request: SignedRequest) -> None:
         super().__init__(Credentials(authorization.access_key, secret), SERVICE,
                          authorization.region)
+        self._secret = secret
+        self._region = authorization.region
         self._signed_headers = authorization.signed_headers
-        self._query = parse_qsl(query, keep_blank_values=True)
+        self._request = request
+        self._query = parse_qsl(request.query, keep_blank_values=True)
 
     def canonical_query_string(self, request: AWSRequest) -> str:
         # from the decoded pairs, re-encoded and sorted as SigV4 (and botocore) define it
@@ -119,17 +131,42 @@ class _ExactHeadersSigV4(SigV4Auth):
     def headers_to_sign(self, request: AWSRequest) -> HTTPHeaders:
         headers = HTTPHeaders()
         for name in self._signed_headers:
-            for value in request.headers.get_all(name) or ():
+            for value in self._request.all(name):
                 headers[name] = value
         return headers
+
+    def payload(self, request: AWSRequest) -> str:
+        # as botocore's client side: the declared X-Amz-Content-SHA256 (checked against the
+        # body in verify), else the hash of the body as received
+        declared = self._request.header("X-Amz-Content-SHA256")
+        return declared if declared is not None else \
+            hashlib.sha256(self._request.body).hexdigest()
+
+    def signature(self, string_to_sign: str, request: AWSRequest) -> str:
+        key = _signing_key(self._secret, request.context["timestamp"][:8], self._region)
+        return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _signing_key(secret: str, date: str, region: str) -> bytes:
+    """SigV4's derived key, HMAC(HMAC(HMAC(HMAC("AWS4" + secret, date), region), service),
+    "aws4_request"): the same for a day and region, so derived once, not per request."""
+    key = ("AWS4" + secret).encode("utf-8")
+    for part in (date, region, SERVICE, "aws4_request"):
+        key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
+    return key
 
 
 def _timestamp(request: SignedRequest, scope_date: str, now: float) -> str:
     amz_date = request.header("X-Amz-Date")
     if not amz_date:
         raise BadSignature("X-Amz-Date is missing")
+    match = _AMZ_DATE.fullmatch(amz_date)
     try:
-        when = timegm(strptime(amz_date, _AMZ_DATE))
+        if match is None:
+            raise ValueError(amz_date)
+        year, month, day, hour, minute, second = (int(part) for part in match.groups())
+        when = timegm(datetime(year, month, day, hour, minute, second).timetuple())
     except ValueError:
         raise BadSignature("X-Amz-Date is not a date like 20261201T120000Z") from None
     if amz_date[:8] != scope_date:
@@ -152,11 +189,9 @@ def verify(request: SignedRequest, secret: str, now: float) -> None:
         if request.header(name) is None:
             raise BadSignature(f"signed header {name!r} is not in the request")
     host = request.header("Host") or "localhost"
-    aws_request = AWSRequest(method=request.method, url=f"http://{host}{request.raw_path}",
-                             data=request.body)
-    aws_request.headers = _headers(request.headers)
+    aws_request = AWSRequest(method=request.method, url=f"http://{host}{request.raw_path}")
     aws_request.context["timestamp"] = timestamp
-    signer = _ExactHeadersSigV4(secret, parsed, request.query)
+    signer = _ExactHeadersSigV4(secret, parsed, request)
     canonical = signer.canonical_request(aws_request)
     expected = signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
     if not hmac.compare_digest(expected.encode(), parsed.signature.encode()):
@@ -165,10 +200,3 @@ def verify(request: SignedRequest, secret: str, now: float) -> None:
     if declared not in (None, "UNSIGNED-PAYLOAD") and not hmac.compare_digest(
             declared.encode(), hashlib.sha256(request.body).hexdigest().encode()):
         raise BadSignature("X-Amz-Content-SHA256 is not the body's hash")
-
-
-def _headers(pairs: Sequence[tuple[str, str]]) -> HTTPHeaders:
-    headers = HTTPHeaders()
-    for name, value in pairs:
-        headers[name] = value  # adds: a repeated header keeps every value
-    return headers
