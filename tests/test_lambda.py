@@ -221,7 +221,8 @@ def test_dry_run_answers_204_and_runs_nothing(site: Site) -> None:
 
 
 def test_a_non_zero_exit_is_an_unhandled_function_error(site: Site) -> None:
-    response = site.client().invoke(FunctionName="fail")
+    response = site.client().invoke(FunctionName="fail", LogType="Tail")
+    assert "\nabout to fail\n" in _tail(response)
     assert response["StatusCode"] == 200
     assert response["FunctionError"] == "Unhandled"
     body = _payload(response)
@@ -380,7 +381,8 @@ def test_a_payload_over_6_mib_is_refused(site: Site) -> None:
     payload = b'"' + b"x" * (6 * 1024 * 1024 - 1) + b'"'  # 6 MiB + 1 byte
     with pytest.raises(ClientError) as info:
         client.invoke(FunctionName="hello", Payload=payload)
-    assert _error(info)[:2] == (413, "RequestTooLargeException")
+    assert _error(info) == (413, "RequestTooLargeException", "Request must be smaller than "
+                            "6291456 bytes for the InvokeFunction operation")
     # exactly 6 MiB goes through
     body = _payload(client.invoke(FunctionName="size", Payload=payload[:-2] + b'"'))
     assert body == {"bytes": 6 * 1024 * 1024}

@@ -29,7 +29,7 @@ from werkzeug.exceptions import HTTPException
 from ..app import _read_body, _wait, get_state
 from ..config import Config
 from ..context import forwarded_env, request_id_from, tracing_from
-from ..errors import FnServeError, NotFound
+from ..errors import FnServeError, NotFound, PayloadTooLarge
 from ..outcome import Outcome, from_error, parse_json
 from ..registry import FunctionSpec
 from ..service import InvocationRequest, Service, log_invocation
@@ -39,6 +39,7 @@ from .lambda_errors import (
     InvalidRequestContent,
     InvalidSignature,
     LambdaError,
+    RequestTooLarge,
     ResourceNotFound,
     UnrecognizedClient,
     lambda_error_for,
@@ -102,7 +103,11 @@ def _verify_signature(config: Config, body: bytes) -> None:
 
 def _authenticated_body(config: Config) -> bytes:
     signed = _check_auth_headers(config)
-    body = _read_body(config.max_body)
+    try:
+        body = _read_body(config.max_body)
+    except PayloadTooLarge:
+        raise RequestTooLarge(f"Request must be smaller than {config.max_body} bytes for "
+                              f"the InvokeFunction operation") from None
     if signed:
         _verify_signature(config, body)
     return body
