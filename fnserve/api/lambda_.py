@@ -246,13 +246,13 @@ def list_functions() -> Any:
     if not page.isdigit() or not 1 <= int(page) <= MAX_PAGE:
         raise InvalidParameterValue(f"MaxItems must be a number from 1 to {MAX_PAGE}")
     marker = request.args.get("Marker") or ""
-    names = sorted(spec.name for spec in service.registry if spec.name >= marker)
-    shown, rest = names[:int(page)], names[int(page):]
-    functions = [configuration(service.registry.get(name),
-                               service.runtimes[service.registry.get(name).runtime],
-                               service.config.timeout) for name in shown]
+    specs = sorted((spec for spec in service.registry if spec.name >= marker),
+                   key=lambda spec: spec.name)
+    shown, rest = specs[:int(page)], specs[int(page):]
+    functions = [configuration(spec, service.runtimes[spec.runtime], service.config.timeout)
+                 for spec in shown]
     # the marker is the next name to show: opaque to clients, stable across pages
-    return {"Functions": functions, "NextMarker": rest[0] if rest else None}
+    return {"Functions": functions, "NextMarker": rest[0].name if rest else None}
 
 
 @lambda_api.route(f"{PREFIX}/<path:name>", methods=["GET"])
@@ -301,8 +301,16 @@ def _refused(error: FnServeError) -> Response:
 
 
 @lambda_api.errorhandler(Exception)
-def _internal(error: Exception) -> Response | HTTPException:
-    if isinstance(error, HTTPException):
-        return error
+def _internal(error: Exception) -> Response:
+    """Anything else raised on a Lambda route still answers in Lambda's shape, so botocore
+    reads a name and a message rather than an HTML page."""
+    if isinstance(error, HTTPException):  # werkzeug's own refusals (a malformed request)
+        status = error.code or 500
+        response = Response(json.dumps({"Type": "User" if status < 500 else "Service",
+                                        "message": error.description or error.name}),
+                            status=status, content_type="application/json")
+        response.headers["X-Amzn-ErrorType"] = "InvalidRequestContentException" \
+            if status < 500 else "ServiceException"
+        return response
     log.exception("internal error on %s %s", request.method, request.path)
     return _refused(FnServeError("internal error"))
