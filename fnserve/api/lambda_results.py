@@ -47,9 +47,7 @@ def function_error(outcome: Outcome, request_id: str, deadline: float,
     if result is not None and result.error_type:  # a handler's exception (fork/warm)
         error_type = result.error_type
         if outcome.outcome == "init_failed":
-            return {"errorType": "Runtime.InitError",
-                    "errorMessage": f"{error_type}: {result.error_message}",
-                    "stackTrace": list(result.stack_trace)}
+            return _init_error(result)
         return {"errorMessage": result.error_message, "errorType": error_type,
                 "requestId": request_id, "stackTrace": list(result.stack_trace)}
     if outcome.outcome == "init_failed":
@@ -63,6 +61,21 @@ def function_error(outcome: Outcome, request_id: str, deadline: float,
         detail = message
     return {"errorType": "Runtime.ExitError",
             "errorMessage": f"{prefix}Runtime exited with error: {detail}", "stackTrace": []}
+
+
+def _init_error(result: Result) -> dict[str, Any]:
+    """A module that does not import, or has no handler, as Lambda's Python runtime says it."""
+    module = result.context.function
+    if result.error_type == "HandlerNotFound":
+        error_type, message = "Runtime.HandlerNotFound", result.error_message
+    elif result.error_type in ("SyntaxError", "IndentationError", "TabError"):
+        error_type = "Runtime.UserCodeSyntaxError"
+        message = f"Syntax error in module '{module}': {result.error_message}"
+    else:
+        error_type = "Runtime.ImportModuleError"
+        message = f"Unable to import module '{module}': {result.error_message}"
+    return {"errorMessage": message, "errorType": error_type,
+            "stackTrace": list(result.stack_trace)}
 
 
 def log_tail(outcome: Outcome, request_id: str, deadline: float, memory_mb: int) -> str:
