@@ -564,3 +564,23 @@ def test_lambda_invocations_share_stats_and_logs_with_http_ones(site: Site) -> N
     assert sources
     metrics = site.server.get("/metrics").text
     assert 'fnserve_requests_total{function="environ",outcome="ok"}' in metrics
+
+
+def test_refusals_are_logged_once_as_lambda_and_not_counted(site: Site) -> None:
+    before = site.server.stats()["total_requests"]
+    status, headers, _body = raw_request(site.server, "POST",
+                                         "/2015-03-31/functions/nope/invocations", b"{}")
+    assert status == 404
+    request_id = headers["x-amzn-requestid"]
+    records = wait_until(lambda: [r for r in invocation_records(site.server.log_records())
+                                  if r.get("request_id") == request_id], timeout=10)
+    assert len(records) == 1
+    assert records[0]["source"] == "lambda" and records[0]["outcome"] == "not_found"
+    assert site.server.stats()["total_requests"] == before
+
+
+def test_an_aws_signature_never_reaches_the_function_without_a_key_either(site: Site) -> None:
+    seen = json.dumps(_payload(site.client(key="a-real-looking-secret").invoke(
+        FunctionName="environ")))
+    assert "AWS4-HMAC-SHA256" not in seen and "HTTP_AUTHORIZATION" not in seen
+    assert "AKIDFNSERVE" not in seen
