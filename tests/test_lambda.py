@@ -584,3 +584,28 @@ def test_an_aws_signature_never_reaches_the_function_without_a_key_either(site: 
         FunctionName="environ")))
     assert "AWS4-HMAC-SHA256" not in seen and "HTTP_AUTHORIZATION" not in seen
     assert "AKIDFNSERVE" not in seen
+
+
+def test_a_signed_request_in_absolute_form_verifies(keyed: Site) -> None:
+    """A proxy-style request line (`POST http://host/path`): the signed path is its path."""
+    import http.client
+
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    url = keyed.server.url("/2015-03-31/functions/mark/invocations")
+    signed = AWSRequest("POST", url, data=b'{"tag": "absolute"}',
+                        headers={"Host": f"127.0.0.1:{keyed.server.port}"})
+    SigV4Auth(Credentials("AKIDABS", KEY), "lambda", "us-east-1").add_auth(signed)
+    connection = http.client.HTTPConnection("127.0.0.1", keyed.server.port, timeout=30)
+    try:
+        connection.putrequest("POST", url, skip_host=True, skip_accept_encoding=True)
+        for name, value in [*signed.headers.items(), ("Content-Length", "19")]:
+            connection.putheader(name, value)
+        connection.endheaders(b'{"tag": "absolute"}')
+        response = connection.getresponse()
+        assert response.status == 200, response.read()
+    finally:
+        connection.close()
+    assert "absolute" in keyed.tags()

@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
@@ -84,9 +85,11 @@ def _check_auth_headers(config: Config) -> bool:
 
 def _verify_signature(config: Config, body: bytes) -> None:
     assert config.api_key is not None
+    # the path as sent, still percent-encoded: it is what the client signed
     raw_uri = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") \
         or request.full_path
-    raw_path = raw_uri.split("?", 1)[0]
+    raw_path = urlsplit(raw_uri).path if "://" in raw_uri.split("?", 1)[0] \
+        else raw_uri.split("?", 1)[0]  # absolute-form (a proxy's request line): its path
     signed = sigv4.SignedRequest(
         method=request.method, raw_path=raw_path,
         query=request.environ.get("QUERY_STRING", ""),
