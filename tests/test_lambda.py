@@ -609,3 +609,36 @@ def test_a_signed_request_in_absolute_form_verifies(keyed: Site) -> None:
     finally:
         connection.close()
     assert "absolute" in keyed.tags()
+
+
+@pytest.mark.go
+def test_go_functions_and_a_build_failure(tmp_path: Path) -> None:
+    """Every runtime speaks Lambda: a Go function answers, one that does not build is
+    Lambda's function error (200 + Unhandled), not a 502."""
+    write_function(tmp_path, "upper.go", """
+        package main
+
+        import (
+            "fmt"
+            "io"
+            "os"
+            "strings"
+        )
+
+        func main() {
+            event, _ := io.ReadAll(os.Stdin)
+            fmt.Print(strings.ToUpper(string(event)))
+        }
+    """)
+    write_function(tmp_path, "broken.go", "package main\n\nfunc main() { undefinedThing() }\n")
+    with running(LiveServer(tmp_path)) as server:
+        client = Site(server, tmp_path / "marks", tmp_path / "gate").client()
+        response = client.invoke(FunctionName="upper", Payload=b'"shout"')
+        assert response["Payload"].read() == b'"SHOUT"'
+        broken = client.invoke(FunctionName="broken")
+        assert (broken["StatusCode"], broken["FunctionError"]) == (200, "Unhandled")
+        body = _payload(broken)
+        assert body["errorType"] == "Runtime.BuildFailed"
+        assert "undefinedThing" in body["errorMessage"]
+        runtimes = {f["FunctionName"]: f["Runtime"] for f in client.list_functions()["Functions"]}
+        assert runtimes == {"broken": "go1.x", "upper": "go1.x"}
