@@ -127,6 +127,7 @@ def _wait(run: Run, environ: dict[str, Any]) -> Result:
     try:
         if sock is None:  # flask run, test client: no socket to watch
             return run.result()
+        run.hangup_fd = sock.fileno()  # an inline run watches it itself
         while True:
             try:
                 return run.result(timeout=DISCONNECT_POLL)
