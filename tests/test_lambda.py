@@ -429,7 +429,7 @@ def test_list_functions_with_the_paginator(site: Site) -> None:
     assert slow["FunctionArn"] == "arn:aws:lambda:local:000000000000:function:slow"
     assert slow["Timeout"] == 1 and slow["Version"] == "$LATEST"
     assert slow["Runtime"] == f"python{sys.version_info.major}.{sys.version_info.minor}"
-    assert slow["Handler"] == "slow.handler"
+    assert slow["Handler"] == "slow.py"  # process mode runs the file
     memory = next(f for f in functions if f["FunctionName"] == "memory")
     assert memory["MemorySize"] == 512 and memory["Timeout"] == 30
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+0000", memory["LastModified"])

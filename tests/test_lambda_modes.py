@@ -9,7 +9,6 @@ import base64
 import json
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -48,7 +47,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     write_function(directory, "broken.py", "import no_such_module_for_fnserve\n"
                                            "def lambda_handler(event, context):\n"
                                            "    return 1\n")
+    write_function(directory, "plain.py", "def handler(event, context):\n    return 1\n"
+                                          "def lambda_handler(event, context):\n    return 2\n")
+    write_function(directory, "named.py", "def serve(event, context):\n    return 3\n")
     write_toml(directory, """
+        [functions.plain]
+        mode = "fork"
+
+        [functions.named]
+        mode = "warm"
+        handler = "serve"
+
         [functions.warmfn]
         mode = "warm"
         pool = 2
@@ -125,8 +134,9 @@ def test_a_module_that_does_not_import_is_lambdas_init_error(server: LiveServer)
     assert "no_such_module_for_fnserve" in body["errorMessage"]
 
 
-def test_modes_are_listed_with_their_handler(server: LiveServer) -> None:
+def test_fork_and_warm_handlers_are_listed_as_module_dot_function(server: LiveServer) -> None:
     functions = {f["FunctionName"]: f for f in _client(server).list_functions()["Functions"]}
-    assert functions["warmfn"]["Handler"] == "warmfn.handler" or \
-        functions["warmfn"]["Handler"].startswith("warmfn.")
-    assert Path(functions["forkfn"]["FunctionArn"]).name.endswith(":function:forkfn")
+    assert functions["warmfn"]["Handler"] == "warmfn.lambda_handler"
+    assert functions["forkfn"]["Handler"] == "forkfn.lambda_handler"
+    assert functions["plain"]["Handler"] == "plain.handler"
+    assert functions["named"]["Handler"] == "named.serve"

@@ -75,10 +75,23 @@ def _runtime_name(spec: FunctionSpec) -> str:
     return "provided"
 
 
+_DEFINES_HANDLER = re.compile(r"^(?:async\s+)?def\s+handler\b|^handler\s*=", re.M)
+
+
 def _handler(spec: FunctionSpec) -> str:
-    if spec.runtime != "python":
+    """MODULE.FUNCTION for a fork/warm handler, as Lambda writes it; the file that runs
+    for any other function (process mode runs the file itself)."""
+    settings = spec.settings
+    if spec.runtime != "python" or settings.mode not in ("fork", "warm"):
         return spec.entry.name
-    handler = getattr(spec.settings, "handler", None) or "handler"
+    handler = settings.handler
+    if handler is None:  # the bootstrap's rule: `handler`, else `lambda_handler`
+        try:
+            source = spec.entry.read_text(errors="replace")
+        except OSError:
+            source = ""
+        handler = "handler" if _DEFINES_HANDLER.search(source) or \
+            "lambda_handler" not in source else "lambda_handler"
     return f"{spec.entry.stem}.{handler}"
 
 
