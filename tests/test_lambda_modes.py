@@ -21,7 +21,7 @@ from tests.live import LiveServer, running
 NO_RETRIES = Config(retries={"max_attempts": 0}, connect_timeout=5, read_timeout=60)
 
 HANDLER = """
-import json, sys
+import json
 
 def lambda_handler(event, context):
     if event.get("fail"):
@@ -34,7 +34,7 @@ def lambda_handler(event, context):
             "event": event}
 
 def helper(event):
-    print("about to raise", file=sys.stderr)
+    print("about to raise")  # stdout: a log line, and in the Tail with the traceback
     raise ValueError(f"bad event {event['fail']}")
 """
 
@@ -102,7 +102,7 @@ def test_a_python_exception_has_its_real_type_message_and_frames(server: LiveSer
                for frame in frames), frames
     assert "raise ValueError" in frames[-1] and "in helper" in frames[-1]
     tail = base64.b64decode(response["LogResult"]).decode()
-    assert "about to raise" in tail and "ValueError: bad event 7" in tail
+    assert "\nabout to raise\n" in tail and "ValueError: bad event 7" in tail
     assert re.search(r"Max Memory Used: [1-9]\d* MB", tail), tail
     # the process survives its exception (warm) or was a fresh fork anyway: the next works
     after = json.loads(client.invoke(FunctionName=function, Payload=b'{"n": 1}')["Payload"]

@@ -83,8 +83,9 @@ def log_tail(outcome: Outcome, request_id: str, deadline: float, memory_mb: int)
     REPORT, as Lambda writes them to CloudWatch."""
     result: Result | None = outcome.result
     lines = [f"START RequestId: {request_id} Version: {LATEST}"]
-    if result is not None and result.stderr_tail:
-        lines.extend(result.stderr_tail.decode("utf-8", "replace").rstrip("\n").split("\n"))
+    logged = (result.log_tail or result.stderr_tail) if result is not None else b""
+    if logged:  # fork/warm: print() lines and stderr in order; process mode: stderr
+        lines.extend(logged[-TAIL_BYTES:].decode("utf-8", "replace").rstrip("\n").split("\n"))
     if outcome.outcome == "timeout":
         lines.append(f"{request_id} Task timed out after {deadline:.2f} seconds")
     duration_ms = (result.duration if result is not None else 0.0) * 1000
