@@ -26,6 +26,9 @@ import json
 def lambda_handler(event, context):
     if event.get("fail"):
         return helper(event)
+    if event.get("sleep"):
+        import time
+        time.sleep(event["sleep"])
     return {"aws_request_id": context.aws_request_id,
             "function_name": context.function_name,
             "arn": context.invoked_function_arn,
@@ -61,9 +64,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         [functions.warmfn]
         mode = "warm"
         pool = 2
+        timeout = "1s"
 
         [functions.forkfn]
         mode = "fork"
+        timeout = "1s"
 
         [functions.broken]
         mode = "warm"
@@ -122,7 +127,7 @@ def test_the_handler_gets_a_lambda_context(server: LiveServer, function: str) ->
     assert got["function_name"] == function
     assert got["arn"] == f"arn:aws:lambda:local:000000000000:function:{function}"
     assert got["client_context"] == client_context
-    assert 0 < got["remaining_ms"] <= 30_000
+    assert 0 < got["remaining_ms"] <= 1_000
 
 
 def test_a_module_that_does_not_import_is_lambdas_init_error(server: LiveServer) -> None:
@@ -140,3 +145,18 @@ def test_fork_and_warm_handlers_are_listed_as_module_dot_function(server: LiveSe
     assert functions["forkfn"]["Handler"] == "forkfn.lambda_handler"
     assert functions["plain"]["Handler"] == "plain.handler"
     assert functions["named"]["Handler"] == "named.serve"
+
+
+@pytest.mark.parametrize("function", ["warmfn", "forkfn"])
+def test_a_timeout_is_sandbox_timedout_and_the_next_call_works(server: LiveServer,
+                                                               function: str) -> None:
+    client = _client(server)
+    response = client.invoke(FunctionName=function, Payload=b'{"sleep": 30}')
+    assert (response["StatusCode"], response["FunctionError"]) == (200, "Unhandled")
+    request_id = response["ResponseMetadata"]["RequestId"]
+    assert json.loads(response["Payload"].read()) == {
+        "errorType": "Sandbox.Timedout",
+        "errorMessage": f"RequestId: {request_id} Error: Task timed out after 1.00 seconds"}
+    after = json.loads(client.invoke(FunctionName=function, Payload=b'{"n": 3}')["Payload"]
+                       .read())
+    assert after["event"] == {"n": 3}
