@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, g, request
+from flask.blueprints import BlueprintSetupState
 from werkzeug.exceptions import HTTPException
 
 from ..app import _read_body, _wait, get_state
@@ -57,6 +58,14 @@ DEFAULT_PAGE = 50
 MAX_PAGE = 10000
 
 lambda_api = Blueprint("lambda", __name__)
+
+
+@lambda_api.record_once
+def _load_signer(setup: BlueprintSetupState) -> None:
+    # with a key, signed requests will come: import botocore now, not on the first one
+    service: Service = setup.app.extensions["fnserve"]
+    if service.config.api_key:
+        sigv4.load_signer()
 
 
 def _service() -> Service:

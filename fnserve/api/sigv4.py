@@ -6,6 +6,8 @@ client named in SignedHeaders, the body's SHA-256), the same string to sign, the
 same HMAC chain. botocore's own signer does that work, so the server canonicalises
 exactly as boto3 and the aws CLI do instead of a second, hand-rolled copy of the
 rules; only the choice of headers differs: exactly the request's SignedHeaders.
+botocore is imported on first use (load_signer), so a server without --api-key
+never pays for it.
 
 Any region and any access key id are accepted (the key is the only secret);
 the service must be `lambda` and X-Amz-Date within MAX_SKEW of the server's clock.
@@ -21,11 +23,12 @@ from calendar import timegm
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import parse_qsl, quote
+from typing import TYPE_CHECKING
 
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest, HTTPHeaders
-from botocore.credentials import Credentials
+if TYPE_CHECKING:
+    from botocore.awsrequest import AWSRequest
+
+    from ._signer import ExactHeadersSigV4
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 SERVICE = "lambda"
@@ -70,7 +73,7 @@ class SignedRequest:
 
 
 @dataclass(frozen=True)
-class _Authorization:
+class Authorization:
     access_key: str
     date: str  # YYYYMMDD of the credential scope
     region: str
@@ -82,7 +85,7 @@ def is_signed(authorization: str | None) -> bool:
     return (authorization or "").lstrip().startswith(ALGORITHM + " ")
 
 
-def _parse_authorization(value: str) -> _Authorization:
+def _parse_authorization(value: str) -> Authorization:
     scheme, _, rest = value.strip().partition(" ")
     if scheme != ALGORITHM:
         raise Unsigned()
@@ -105,56 +108,27 @@ def _parse_authorization(value: str) -> _Authorization:
         raise BadSignature("SignedHeaders must list lower-case names and include host")
     if not _SIGNATURE.fullmatch(fields["Signature"]):
         raise BadSignature("the signature is malformed")
-    return _Authorization(access_key, date, region, tuple(signed.split(";")),
+    return Authorization(access_key, date, region, tuple(signed.split(";")),
                           fields["Signature"])
 
 
-class _ExactHeadersSigV4(SigV4Auth):
-    """botocore's SigV4 with exactly the headers the client signed, no more, no fewer."""
-
-    def __init__(self, secret: str, authorization: _Authorization,
-                 request: SignedRequest) -> None:
-        super().__init__(Credentials(authorization.access_key, secret), SERVICE,
-                         authorization.region)
-        self._secret = secret
-        self._region = authorization.region
-        self._signed_headers = authorization.signed_headers
-        self._request = request
-        self._query = parse_qsl(request.query, keep_blank_values=True)
-
-    def canonical_query_string(self, request: AWSRequest) -> str:
-        # from the decoded pairs, re-encoded and sorted as SigV4 (and botocore) define it
-        pairs = sorted((quote(key, safe="-_.~"), quote(value, safe="-_.~"))
-                       for key, value in self._query)
-        return "&".join(f"{key}={value}" for key, value in pairs)
-
-    def headers_to_sign(self, request: AWSRequest) -> HTTPHeaders:
-        headers = HTTPHeaders()
-        for name in self._signed_headers:
-            for value in self._request.all(name):
-                headers[name] = value
-        return headers
-
-    def payload(self, request: AWSRequest) -> str:
-        # as botocore's client side: the declared X-Amz-Content-SHA256 (checked against the
-        # body in verify), else the hash of the body as received
-        declared = self._request.header("X-Amz-Content-SHA256")
-        return declared if declared is not None else \
-            hashlib.sha256(self._request.body).hexdigest()
-
-    def signature(self, string_to_sign: str, request: AWSRequest) -> str:
-        key = _signing_key(self._secret, request.context["timestamp"][:8], self._region)
-        return hmac.new(key, string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
-
-
 @functools.lru_cache(maxsize=64)
-def _signing_key(secret: str, date: str, region: str) -> bytes:
+def signing_key(secret: str, date: str, region: str) -> bytes:
     """SigV4's derived key, HMAC(HMAC(HMAC(HMAC("AWS4" + secret, date), region), service),
     "aws4_request"): the same for a day and region, so derived once, not per request."""
     key = ("AWS4" + secret).encode("utf-8")
     for part in (date, region, SERVICE, "aws4_request"):
         key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
     return key
+
+
+def load_signer() -> tuple[type[ExactHeadersSigV4], type[AWSRequest]]:
+    """botocore's signer and request classes, imported once, on first use."""
+    from botocore.awsrequest import AWSRequest
+
+    from ._signer import ExactHeadersSigV4
+
+    return ExactHeadersSigV4, AWSRequest
 
 
 def _timestamp(request: SignedRequest, scope_date: str, now: float) -> str:
@@ -189,9 +163,10 @@ def verify(request: SignedRequest, secret: str, now: float) -> None:
         if request.header(name) is None:
             raise BadSignature(f"signed header {name!r} is not in the request")
     host = request.header("Host") or "localhost"
-    aws_request = AWSRequest(method=request.method, url=f"http://{host}{request.raw_path}")
+    signer_class, request_class = load_signer()
+    aws_request = request_class(method=request.method, url=f"http://{host}{request.raw_path}")
     aws_request.context["timestamp"] = timestamp
-    signer = _ExactHeadersSigV4(secret, parsed, request)
+    signer = signer_class(secret, parsed, request)
     canonical = signer.canonical_request(aws_request)
     expected = signer.signature(signer.string_to_sign(aws_request, canonical), aws_request)
     if not hmac.compare_digest(expected.encode(), parsed.signature.encode()):
