@@ -64,6 +64,9 @@ def create_app(config: Config, registry: Registry | None = None) -> Flask:
     # redirect to another name (set before the routes: each rule copies it when added)
     app.url_map.merge_slashes = False
     _add_routes(app, state)
+    from .api.jobs import blueprint as jobs_blueprint  # it uses this module's request checks
+
+    app.register_blueprint(jobs_blueprint)
     from .api.lambda_ import lambda_api  # imports this module's request helpers
 
     app.register_blueprint(lambda_api)

@@ -19,6 +19,11 @@ class Limiter:
         if not self._slots.acquire(blocking=False):
             raise TooManyRequests()
 
+    def acquire_waiting(self, timeout: float) -> bool:
+        """Take one slot, waiting up to `timeout` seconds for one (the async queue waits,
+        where a request is refused); True when taken, and the caller must release() it."""
+        return self._slots.acquire(timeout=timeout)
+
     def release(self) -> None:
         self._slots.release()
 

@@ -158,6 +158,8 @@ def post_worker_init(worker: Any) -> None:
             timer = threading.Timer(state.config.graceful_timeout, state.executor.kill_all)
             timer.daemon = True
             timer.start()
+            if state.started_queue is not None:
+                state.started_queue.drain()
         stop_gracefully(signum, frame)
 
     signal.signal(signal.SIGTERM, drain)
@@ -173,7 +175,10 @@ def worker_exit(server: Any, worker: Any) -> None:
     """Whatever way the worker ends, the process groups of its functions end with it."""
     app = getattr(worker, "wsgi", None)
     if isinstance(app, Flask) and "fnserve" in app.extensions:
-        get_state(app).executor.shutdown()
+        service = get_state(app)
+        if service.started_queue is not None:  # running jobs get the rest of the grace
+            service.started_queue.close()
+        service.executor.shutdown()
 
 
 class FnServeApplication(BaseApplication):  # type: ignore[misc]

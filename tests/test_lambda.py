@@ -198,10 +198,12 @@ def test_event_answers_202_and_runs_in_the_background(site: Site) -> None:
     request_id = response["ResponseMetadata"]["HTTPHeaders"]["x-amzn-requestid"]
     marks = wait_until(lambda: [m for m in site.marked() if m["tag"] == "event-1"], timeout=20)
     assert marks == [{"tag": "event-1", "request_id": request_id}]
-    # counted and logged like any invocation, as a Lambda one
+    # queued like /async-function (SPEC §11): counted and logged like any invocation,
+    # as an async one, under the request id the client was given
     records = wait_until(lambda: [r for r in invocation_records(site.server.log_records())
                                   if r.get("request_id") == request_id], timeout=10)
-    assert records and records[0]["source"] == "lambda" and records[0]["outcome"] == "ok"
+    assert records and records[0]["source"] == "async" and records[0]["outcome"] == "ok"
+    assert site.server.get(f"/jobs/{request_id}").json()["status"] == "finished"
 
 
 def test_dry_run_answers_204_and_runs_nothing(site: Site) -> None:
@@ -390,7 +392,7 @@ def test_a_payload_over_6_mib_is_refused(site: Site) -> None:
 
 def test_over_the_concurrency_limit_is_429_with_retries_off(
         tmp_path_factory: pytest.TempPathFactory) -> None:
-    server, marks, gate = _site(tmp_path_factory, "--concurrency", "1")
+    server, marks, gate = _site(tmp_path_factory, "--concurrency", "1", "--queue-size", "1")
     with running(server):
         site = Site(server, marks, gate)
         client = site.client()
@@ -402,14 +404,21 @@ def test_over_the_concurrency_limit_is_429_with_retries_off(
         assert info.value.response["Reason"] == "ConcurrentInvocationLimitExceeded"
         headers = info.value.response["ResponseMetadata"]["HTTPHeaders"]
         assert headers["retry-after"] == "1"
-        with pytest.raises(ClientError) as info:  # an Event is refused the same way
+        # an Event waits in the queue (SPEC §11) for the slot; one more than
+        # --queue-size is refused the same way
+        queued = client.invoke(FunctionName="mark", InvocationType="Event",
+                               Payload=b'{"tag": "queued"}')
+        assert queued["StatusCode"] == 202
+        with pytest.raises(ClientError) as info:
             client.invoke(FunctionName="hello", InvocationType="Event")
         assert _error(info)[:2] == (429, "TooManyRequestsException")
+        assert site.tags() == []
         gate.touch()
+        assert wait_until(lambda: site.tags() == ["queued"], timeout=10)
         assert wait_until(lambda: server.stats()["active_requests"] == 0, timeout=10)
         assert _payload(client.invoke(FunctionName="hello"))["event"] == {}
         stats = server.stats()["functions"]
-        assert stats["hello"]["rejected_requests"] == 2
+        assert stats["hello"]["rejected_requests"] == 2  # the Invoke and the Event
         assert stats["gate"]["success_requests"] == 1
 
 

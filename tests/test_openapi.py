@@ -39,7 +39,8 @@ from tests.live import LiveServer, running
 API_KEY = "k-openapi-0123456789"
 MAX_EXAMPLES = 15  # per operation and phase: ~10 operations x 2 servers stay well under 30 s
 FUNCTIONS = ("hello", "echo", "fail", "crash", "slow", "big", "binary")
-PROTECTED = ("/function/{name}", "/functions", "/stats", "/metrics")
+PROTECTED = ("/function/{name}", "/functions", "/stats", "/metrics", "/async-function/{name}",
+             "/jobs/{request_id}")
 # the Lambda API refuses with 403 and Lambda's error shape (SPEC §9)
 LAMBDA_PROTECTED = ("/2015-03-31/functions/{FunctionName}/invocations",
                     "/2015-03-31/functions", "/2015-03-31/functions/",
@@ -127,7 +128,7 @@ schema = schemathesis.openapi.from_path(Path(fnserve.__file__).parent / "openapi
 
 
 def _exercise(case: Any, live: LiveServer) -> None:
-    invoking = case.operation.path == "/function/{name}"
+    invoking = case.operation.path in ("/function/{name}", "/async-function/{name}")
     bad_name = invoking and case.meta is not None and case.meta.is_negative_at(
         ParameterLocation.PATH)
     parameter = "FunctionName" if case.operation.path in LAMBDA_PROTECTED else "name"
@@ -186,8 +187,9 @@ def test_document_is_the_shipped_yaml(live: LiveServer) -> None:
     assert served["openapi"].startswith("3.1")
     invoke = served["paths"]["/function/{name}"]
     assert {"get", "post", "put", "patch", "delete"} <= set(invoke)
-    assert set(served["paths"]) >= {"/function/{name}", "/functions", "/stats", "/metrics",
-                                    "/healthz", "/openapi.json", *LAMBDA_PROTECTED}
+    assert set(served["paths"]) == {"/function/{name}", "/functions", "/stats", "/metrics",
+                                    "/healthz", "/openapi.json", "/async-function/{name}",
+                                    "/jobs/{request_id}", *LAMBDA_PROTECTED}
     # every status of the SPEC's error table is declared for every method
     for method in ("get", "post", "put", "patch", "delete"):
         assert {"200", "400", "401", "404", "413", "429", "500", "502", "504"} <= \

@@ -220,10 +220,10 @@ def invoke(name: str) -> Response:
     if invocation_type == "DryRun":
         return Response(status=204)
     if invocation_type == "Event":
-        # until the queue (SPEC §11) lands behind the same call, the run goes to the
-        # server's own executor in the background, within --concurrency
+        # queued (SPEC §11) like /async-function: the run's log line and history record
+        # come when it runs; its request id is the x-amzn-RequestId answered now
         service.enqueue(invocation)
-        g.logged = True  # the service logs the run when it ends
+        g.logged = True
         return Response(status=202)
     outcome = service.invoke(invocation, watch=functools.partial(_wait,
                                                                  environ=request.environ))

@@ -92,6 +92,16 @@ class InvalidSignature(LambdaError):
                "provided. Check your AWS Secret Access Key and signing method.")
 
 
+class ResourceConflict(LambdaError):
+    """An Event whose request id (X-Request-Id) is that of a job still known."""
+
+    status = 409
+    code = "conflict"
+    error_type = "ResourceConflictException"
+    kind = "User"
+    message = "A job with this request id exists."
+
+
 class ServiceUnavailable(LambdaError):
     """Draining (SIGTERM): nothing ran, so an SDK's retry elsewhere is the right move."""
 
@@ -113,6 +123,10 @@ def lambda_error_for(error: FnServeError, function_arn: str | None = None) -> La
         return TooManyLambdaRequests()
     if error.code == "unavailable":
         return ServiceUnavailable()
+    if error.code == "conflict":
+        return ResourceConflict()
+    if error.code == "queue_unavailable":  # nothing was queued: a retry is safe
+        return LambdaError("The job queue is unavailable; the invocation was not queued.")
     if error.code == "invalid_json":
         return InvalidRequestContent()
     return LambdaError()
