@@ -651,3 +651,15 @@ def test_go_functions_and_a_build_failure(tmp_path: Path) -> None:
         assert "undefinedThing" in body["errorMessage"]
         runtimes = {f["FunctionName"]: f["Runtime"] for f in client.list_functions()["Functions"]}
         assert runtimes == {"broken": "go1.x", "upper": "go1.x"}
+
+
+def test_an_event_reusing_a_known_request_id_is_a_conflict(site: Site) -> None:
+    headers = {"X-Amz-Invocation-Type": "Event", "X-Request-Id": "lambda-event-once"}
+    path = "/2015-03-31/functions/mark/invocations"
+    status, answer, _ = raw_request(site.server, "POST", path, b'{"tag": "once"}', headers)
+    assert status == 202 and answer["x-amzn-requestid"] == "lambda-event-once"
+    status, answer, body = raw_request(site.server, "POST", path, b'{"tag": "twice"}', headers)
+    assert status == 409 and answer["x-amzn-errortype"] == "ResourceConflictException"
+    assert json.loads(body)["Type"] == "User"
+    assert wait_until(lambda: "once" in site.tags(), timeout=10)
+    assert "twice" not in site.tags()
