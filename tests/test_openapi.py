@@ -40,7 +40,8 @@ API_KEY = "k-openapi-0123456789"
 MAX_EXAMPLES = 15  # per operation and phase: ~10 operations x 2 servers stay well under 30 s
 FUNCTIONS = ("hello", "echo", "fail", "crash", "slow", "big", "binary")
 PROTECTED = ("/function/{name}", "/functions", "/stats", "/metrics", "/async-function/{name}",
-             "/jobs/{request_id}")
+             "/jobs/{request_id}", "/invocations", "/invocations/{request_id}",
+             "/invocations/{request_id}/replay")
 # the Lambda API refuses with 403 and Lambda's error shape (SPEC §9)
 LAMBDA_PROTECTED = ("/2015-03-31/functions/{FunctionName}/invocations",
                     "/2015-03-31/functions", "/2015-03-31/functions/",
@@ -189,7 +190,9 @@ def test_document_is_the_shipped_yaml(live: LiveServer) -> None:
     assert {"get", "post", "put", "patch", "delete"} <= set(invoke)
     assert set(served["paths"]) == {"/function/{name}", "/functions", "/stats", "/metrics",
                                     "/healthz", "/openapi.json", "/async-function/{name}",
-                                    "/jobs/{request_id}", *LAMBDA_PROTECTED}
+                                    "/jobs/{request_id}", "/invocations",
+                                    "/invocations/{request_id}",
+                                    "/invocations/{request_id}/replay", *LAMBDA_PROTECTED}
     # every status of the SPEC's error table is declared for every method
     for method in ("get", "post", "put", "patch", "delete"):
         assert {"200", "400", "401", "404", "413", "429", "500", "502", "504"} <= \
