@@ -663,3 +663,16 @@ def test_an_event_reusing_a_known_request_id_is_a_conflict(site: Site) -> None:
     assert json.loads(body)["Type"] == "User"
     assert wait_until(lambda: "once" in site.tags(), timeout=10)
     assert "twice" not in site.tags()
+
+
+def test_lambda_invocations_are_in_the_history(site: Site) -> None:
+    response = site.client().invoke(FunctionName="hello", Payload=b'{"history": 1}',
+                                    ClientContext=base64.b64encode(b'{"custom": {}}').decode())
+    request_id = response["ResponseMetadata"]["RequestId"]
+    record = wait_until(lambda: (lambda r: r.json() if r.status_code == 200 else None)(
+        site.server.get(f"/invocations/{request_id}")), timeout=10)
+    assert record, "the Lambda invocation was not recorded"
+    assert record["source"] == "lambda" and record["function"] == "hello"
+    assert record["outcome"] == "ok" and json.loads(record["request"]) == {"history": 1}
+    # nothing of the signature is kept (SPEC §10)
+    assert "AWS4-HMAC-SHA256" not in json.dumps(record)
