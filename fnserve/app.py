@@ -9,7 +9,6 @@ slot is taken for a request that is refused anyway.
 from __future__ import annotations
 
 import functools
-import hmac
 import json
 import logging
 import select
@@ -26,6 +25,7 @@ from werkzeug.wsgi import get_input_stream
 
 from .config import Config
 from .context import forwarded_env, request_id_from, tracing_from
+from .credentials import bearer_token, same_key, without_server_key
 from .errors import (
     INVOKE_METHODS,
     ClientClosed,
@@ -75,10 +75,8 @@ def _check_auth(config: Config) -> None:
         return
     given = request.headers.get("X-API-Key")
     if not given:  # an empty X-API-Key must not hide a good Bearer token
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        given = token.strip() if scheme.lower() == "bearer" else ""
-    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
-                               config.api_key.encode("utf-8", "surrogateescape")):
+        given = bearer_token(request.headers.get("Authorization", ""))
+    if not same_key(given, config.api_key):
         raise Unauthorized()
 
 
@@ -181,7 +179,9 @@ def _add_routes(app: Flask, state: Service) -> None:
             InvocationRequest(
                 spec, event, g.request_id, g.tracing,
                 parameters={key: request.args[key] for key in request.args},
-                forwarded=forwarded_env(request.headers.get, config.forward_headers),
+                forwarded=without_server_key(
+                    forwarded_env(request.headers.get, config.forward_headers),
+                    config.api_key or ""),
                 method=request.method, received_at=g.started),
             watch=functools.partial(_wait, environ=request.environ))
         g.logged = True  # the service logged it

@@ -124,7 +124,7 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
     if result.outcome == "output_too_large":
         click.echo(f"fnserve: {spec.name} wrote more than the output limit", err=True)
         sys.exit(EXIT_FAILED)
-    if result.outcome == "build_failed":
+    if result.outcome in ("build_failed", "unavailable"):  # unavailable: out of fds, memory
         click.echo(f"fnserve: {result.error}", err=True)
         sys.exit(EXIT_FAILED)
     if result.error:

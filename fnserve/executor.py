@@ -15,6 +15,7 @@ group kill; its pipes are closed on it after EXIT_GRACE.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import select
 import shutil
@@ -31,6 +32,8 @@ from .context import Context, function_environment
 from .registry import FunctionSpec
 from .runtimes import BuildError, Runtime
 
+log = logging.getLogger("fnserve.executor")
+
 STDERR_TAIL = 64 * 1024
 MAX_STDERR_LINE = 16 * 1024
 READ_CHUNK = 64 * 1024
@@ -38,6 +41,10 @@ EXIT_GRACE = 0.2  # seconds an exited function's leftover pipe holders get befor
 DEFAULT_MAX_OUTPUT = 6 * 1024 * 1024
 # a fixed search path: the memory wrapper must not depend on the caller's PATH
 _SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
+
+# Popen errors that say the server itself is out of processes, descriptors or memory:
+# the function is not to blame (503 unavailable), unlike a missing or unrunnable file
+SERVER_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
 
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _POLL_OUT = select.POLLOUT | select.POLLHUP | select.POLLERR
@@ -220,6 +227,12 @@ class Executor:
                 start_new_session=True,
             )
         except OSError as exc:
+            if exc.errno in SERVER_EXHAUSTED:  # FnServe's fault, not the function's
+                log.error("cannot start %s: %s (the server is out of resources)",
+                          spec.name, exc.strerror, extra={"function": spec.name,
+                                                          "request_id": context.request_id})
+                return Result("unavailable", context,
+                              error=f"cannot start {spec.name}: {exc.strerror}")
             code = 127 if exc.errno == errno.ENOENT else 126
             return Result("failed", context, exit_code=code,
                           error=f"cannot start {spec.name}: {exc.strerror}")

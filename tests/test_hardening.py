@@ -1,0 +1,147 @@
+"""Hardening of the request path (issue 8, defects 3, 4, 6, 8 and 10), on real servers.
+
+- 3: a client that half-closes its connection (SHUT_WR) still gets its answer; one
+  that really closes still kills its function;
+- 4: a cancel that arrives after the function exited 0 does not discard its result;
+- 6: the header that carried the server's --api-key never reaches a function;
+- 8: a large upload is admitted (or refused 429) before its body is read;
+- 10: the server's own exhaustion (EMFILE when spawning) is 503 unavailable, not the
+  function's fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fnserve.credentials import without_server_key
+
+from .helpers import wait_until, write_function
+from .live import LiveServer, invocation_records, running, the_worker
+
+KEY = "server-key-123"
+
+
+def _environ_echo(directory: Path) -> None:
+    write_function(directory, "env.py", """
+        import json, os
+        print(json.dumps({"context": json.loads(os.environ["FN_CONTEXT"])["env"],
+                          "environ": {k: v for k, v in os.environ.items()
+                                      if k.startswith("HTTP_")}}))
+    """)
+
+
+# -- 6: the server's key stays the server's ------------------------------------------
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ({"X-API-Key": KEY}, {}),
+    ({"Authorization": f"Bearer {KEY}"}, {}),
+    ({"Authorization": f"bearer {KEY}"}, {}),
+    # the key authenticated; the function's own token goes through untouched
+    ({"X-API-Key": KEY, "Authorization": "Bearer function-token"},
+     {"HTTP_AUTHORIZATION": "Bearer function-token"}),
+    ({"Authorization": f"Bearer {KEY}", "X-Forwarded-For": "10.0.0.7"},
+     {"HTTP_X_FORWARDED_FOR": "10.0.0.7"}),
+], ids=["x-api-key", "bearer", "bearer-lowercase", "other-authorization", "other-headers"])
+def test_the_header_that_carried_the_api_key_never_reaches_the_function(
+        tmp_path: Path, headers: dict[str, str], expected: dict[str, str]) -> None:
+    directory = tmp_path / "functions"
+    _environ_echo(directory)
+    with running(LiveServer(directory, "--api-key", KEY)) as server:
+        response = server.post("/function/env", headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"context": expected, "environ": expected}
+        assert KEY not in response.text
+
+
+def test_without_api_key_the_headers_are_forwarded_unchanged(tmp_path: Path) -> None:
+    directory = tmp_path / "functions"
+    _environ_echo(directory)
+    with running(LiveServer(directory)) as server:
+        response = server.post("/function/env", headers={
+            "X-API-Key": KEY, "Authorization": f"Bearer {KEY}"})
+        expected = {"HTTP_X_API_KEY": KEY, "HTTP_AUTHORIZATION": f"Bearer {KEY}"}
+        assert response.json() == {"context": expected, "environ": expected}
+
+
+def test_only_a_value_equal_to_the_key_is_stripped() -> None:
+    forwarded = {"HTTP_X_API_KEY": "another-key", "HTTP_AUTHORIZATION": f"Basic {KEY}",
+                 "HTTP_X_FORWARDED_FOR": "10.0.0.7"}
+    assert without_server_key(forwarded, KEY) == forwarded
+    assert without_server_key({"HTTP_X_API_KEY": KEY + "x"}, KEY) == {
+        "HTTP_X_API_KEY": KEY + "x"}
+    assert without_server_key({"HTTP_X_API_KEY": KEY}, KEY) == {}
+    assert without_server_key({"HTTP_X_API_KEY": KEY}, "") == {"HTTP_X_API_KEY": KEY}
+
+
+# -- 10: the server out of file descriptors ------------------------------------------
+
+
+def _open_fds(pid: int) -> set[int]:
+    return {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+
+
+def _limit_leaving(open_fds: set[int], free: int) -> int:
+    """The RLIMIT_NOFILE under which exactly `free` descriptor numbers are still free."""
+    limit, available = 0, 0
+    while available < free or limit in open_fds:
+        if limit not in open_fds:
+            available += 1
+        limit += 1
+    return limit
+
+
+def _request(sock: socket.socket, path: str, body: bytes = b"{}",
+             ) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request on an open connection; its status, headers and body."""
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    reader = sock.makefile("rb")
+    status = int(reader.readline().split()[1])
+    headers: dict[str, str] = {}
+    while (line := reader.readline().decode().strip()):
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, reader.read(int(headers["content-length"]))
+
+
+def test_spawn_failing_with_emfile_is_503_unavailable_not_the_functions_fault(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "functions"
+    write_function(directory, "ok.py", 'print(\'{"fine": true}\')\n')
+    with running(LiveServer(directory)) as server:
+        worker = the_worker(server)
+        soft, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            assert _request(sock, "/function/ok")[0] == 200  # connection accepted, warm
+            before = _open_fds(worker.pid)
+            # room for one pipe, not for the three a function's stdin/stdout/stderr take
+            worker.rlimit(psutil.RLIMIT_NOFILE, (_limit_leaving(before, 2), hard))
+            try:
+                status, headers, body = _request(sock, "/function/ok")
+            finally:
+                worker.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+        assert status == 503, body
+        assert headers["retry-after"] == "1"
+        error = json.loads(body)
+        assert error["code"] == "unavailable"
+        assert "Too many open files" in error["error"]
+        # nothing of the failed spawn is left open in the worker
+        assert wait_until(lambda: _open_fds(worker.pid) <= before, 5), (
+            _open_fds(worker.pid) - before)
+        assert server.post("/function/ok").status_code == 200
+        stats = server.stats()["functions"]["ok"]
+        assert (stats["success_requests"], stats["failed_requests"]) == (2, 1)
+
+    records = server.log_records()
+    errors = [r for r in records if "out of resources" in r.get("message", "")]
+    assert len(errors) == 1, records
+    assert errors[0].get("levelname", errors[0].get("level")) == "ERROR", errors
+    lines = [(r["status"], r["outcome"]) for r in invocation_records(records)]
+    assert lines == [(200, "ok"), (503, "unavailable"), (200, "ok")]
