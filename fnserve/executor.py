@@ -341,7 +341,8 @@ class _Communication:
                 continue
             for fd, mask in events:
                 self._handle(fd, mask)
-                if self.outcome is not None:
+                if self.outcome is not None or (self.exited_at is not None
+                                                and not self.reading):
                     return
 
     def _handle(self, fd: int, mask: int) -> None:
@@ -364,7 +365,7 @@ class _Communication:
             self.poller.unregister(fd)
             self._leader_exited(time.monotonic())
         elif fd == self.wake_fd:
-            self._kill("cancelled")
+            self._cancelled()
 
     def _write_stdin(self, mask: int) -> None:
         if mask & (select.POLLHUP | select.POLLERR):
@@ -397,6 +398,28 @@ class _Communication:
         self.exited_at = now
         # the function is done; whatever it left running in its group goes with it
         _killpg(self.proc.pid)
+
+    def _cancelled(self) -> None:
+        if self.exited_at is None and not _has_exited(self.proc.pid):
+            self._kill("cancelled")
+            return
+        # The main process has exited (its pidfd may not have been handled yet): its
+        # result stands. The cancel only cuts short the wait for leftover pipe holders.
+        if self.exited_at is None:
+            self._leader_exited(time.monotonic())
+        self.poller.unregister(self.wake_fd)
+        self._read_what_is_buffered()
+        self.reading.clear()
+
+    def _read_what_is_buffered(self) -> None:
+        """What the function wrote before it exited, without waiting for more."""
+        for fd in list(self.reading):
+            for _ in range(64):  # a bound: an escaped writer could refill the pipe forever
+                ready = select.poll()
+                ready.register(fd, _POLL_IN)
+                if not ready.poll(0) or fd not in self.reading or self.outcome is not None:
+                    break
+                self._handle(fd, select.POLLIN)
 
     def _kill(self, outcome: str) -> None:
         self.outcome = outcome

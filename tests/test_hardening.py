@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
 import psutil
 import pytest
 
+from fnserve import executor as executor_module
 from fnserve.credentials import without_server_key
+from fnserve.executor import Executor
+from fnserve.registry import load_registry
 
-from .helpers import wait_until, write_function
+from .helpers import invocation, wait_until, write_function
 from .live import LiveServer, invocation_records, running, the_worker
 
 KEY = "server-key-123"
@@ -145,3 +149,38 @@ def test_spawn_failing_with_emfile_is_503_unavailable_not_the_functions_fault(
     assert errors[0].get("levelname", errors[0].get("level")) == "ERROR", errors
     lines = [(r["status"], r["outcome"]) for r in invocation_records(records)]
     assert lines == [(200, "ok"), (503, "unavailable"), (200, "ok")]
+
+
+# -- 4: a cancel after a clean exit ----------------------------------------------------
+
+
+@pytest.mark.parametrize("code, outcome", [(0, "ok"), (3, "failed")])
+def test_a_cancel_after_the_function_exited_keeps_its_result(
+        fn_dir: Path, executor: Executor, monkeypatch: pytest.MonkeyPatch,
+        code: int, outcome: str) -> None:
+    # an escaped grandchild keeps stdout open, so the executor waits out EXIT_GRACE after
+    # the exit; made long, so the cancel surely lands inside that window
+    monkeypatch.setattr(executor_module, "EXIT_GRACE", 30.0)
+    write_function(fn_dir, "leaves.py", f"""
+        import os, subprocess, sys
+        child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        print('{{"done": true}}', flush=True)
+        with open(sys.argv[0] + ".pids", "w") as f:
+            f.write(f"{{os.getpid()}} {{child.pid}}\\n")
+        sys.exit({code})
+    """)
+    spec = load_registry(fn_dir).get("leaves")
+    run = executor.submit(invocation(spec, timeout=60))
+    leader, grandchild = (int(p) for p in wait_until(
+        lambda: (fn_dir / "leaves.py.pids").read_text().split()
+        if (fn_dir / "leaves.py.pids").exists() else None, 10))
+    try:
+        # exited (a zombie until the executor reaps it): now the cancel comes
+        assert wait_until(lambda: psutil.Process(leader).status() == psutil.STATUS_ZOMBIE
+                          if psutil.pid_exists(leader) else True, 10)
+        run.cancel()
+        result = run.result(timeout=10)  # the cancel ends the wait for the grandchild
+        assert (result.outcome, result.exit_code) == (outcome, code)
+        assert result.stdout == b'{"done": true}\n'
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
