@@ -88,28 +88,40 @@ def executor(runtimes: dict[str, Runtime], stderr_lines: StderrLines) -> Iterato
     pool.shutdown()
 
 
-# -- CI must run the Go tests, never skip them -------------------------------------
+# -- CI must run the tests of real toolchains and services, never skip them ----------
 
-_go_tests = {"ran": 0, "skipped": 0}
+# a test marked with one of these needs something real (the Go toolchain, bwrap, a
+# redis-server, Chromium) that .ci/run installs: in CI, one skipped fails the run
+REQUIRED_IN_CI = ("go", "sandbox", "redis", "browser")
+_required = {marker: {"ran": 0, "skipped": 0} for marker in REQUIRED_IN_CI}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if "go" not in report.keywords:
-        return
-    if report.skipped:
-        _go_tests["skipped"] += 1
-    elif report.when == "call":
-        _go_tests["ran"] += 1
+    for marker, counts in _required.items():
+        if marker not in report.keywords:
+            continue
+        if report.skipped:
+            counts["skipped"] += 1
+        elif report.when == "call":
+            counts["ran"] += 1
+
+
+def _collected(session: pytest.Session, marker: str) -> bool:
+    return any(item.get_closest_marker(marker) for item in session.items)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # .ci/run sets CI: a machine without a Go toolchain must fail there, not pass quietly
-    collected_go = any("go" in item.keywords for item in session.items)
-    if os.environ.get("CI") and collected_go and (_go_tests["skipped"] or not _go_tests["ran"]):
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    # .ci/run sets CI: a machine without the toolchain or service must fail there
+    if not os.environ.get("CI"):
+        return
+    for marker, counts in _required.items():
+        if _collected(session, marker) and (counts["skipped"] or not counts["ran"]):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    terminalreporter.write_line(
-        f"go tests: {_go_tests['ran']} ran, {_go_tests['skipped']} skipped"
-        + (" (CI: skipped Go tests fail the run)" if os.environ.get("CI") else ""))
+    ci = " (CI: a skipped one fails the run)" if os.environ.get("CI") else ""
+    for marker, counts in _required.items():
+        if counts["ran"] or counts["skipped"]:
+            terminalreporter.write_line(
+                f"{marker} tests: {counts['ran']} ran, {counts['skipped']} skipped{ci}")
