@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import select
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from werkzeug.wsgi import get_input_stream
 from .config import Config
 from .context import forwarded_env, request_id_from, tracing_from
 from .credentials import bearer_token, same_key, without_server_key
+from .disconnect import ClientWatch
 from .errors import (
     INVOKE_METHODS,
     ClientClosed,
@@ -105,28 +104,18 @@ def _is_json_type(mimetype: str) -> bool:
     return mimetype == "application/json" or mimetype.endswith("+json")
 
 
-_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
-
-
-def _client_gone(sock: socket.socket) -> bool:
-    # poll, not recv(MSG_PEEK): it reads nothing, and works on a TLS socket too; a
-    # pipelined next request makes the socket readable, but only a close sets RDHUP
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLRDHUP)
-    return any(mask & _GONE for _fd, mask in poller.poll(0))
-
-
 def _wait(run: Run, environ: dict[str, Any]) -> Result:
     """The result; if the client disconnects meanwhile, cancel the run (kills its group)."""
     sock = environ.get("gunicorn.socket")
     try:
         if sock is None:  # flask run, test client: no socket to watch
             return run.result()
+        client = ClientWatch(sock, environ.get("SERVER_PROTOCOL", ""))
         while True:
             try:
                 return run.result(timeout=DISCONNECT_POLL)
             except TimeoutError:
-                if not run.cancelled and _client_gone(sock):
+                if not run.cancelled and client.gone():
                     run.cancel()
     except BaseException:  # never let a function run on after its slot is given back
         run.cancel()

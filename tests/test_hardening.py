@@ -184,3 +184,42 @@ def test_a_cancel_after_the_function_exited_keeps_its_result(
         assert result.stdout == b'{"done": true}\n'
     finally:
         os.kill(grandchild, signal.SIGKILL)
+
+
+# -- 3: half-closed is not gone ----------------------------------------------------------
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/1.0"])
+def test_a_half_closed_client_gets_its_answer(tmp_path: Path, protocol: str) -> None:
+    directory = tmp_path / "functions"
+    # runs across several of the server's looks at the connection (every 0.25 s)
+    write_function(directory, "slow.py", """
+        import sys, time
+        event = sys.stdin.read()
+        time.sleep(1.5)
+        print(event)
+    """)
+    with running(LiveServer(directory)) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(f"POST /function/slow {protocol}\r\nHost: x\r\nConnection: close\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 11\r\n\r\n"
+                         '{"a": true}'.encode())
+            sock.shutdown(socket.SHUT_WR)  # the request is complete: nothing more to send
+            answer = _read_all(sock)
+        head, _, body = answer.rpartition(b"\r\n\r\n")
+        if protocol == "HTTP/1.1":  # the interim response that tells half-closed from closed
+            assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"), answer
+        else:
+            assert answer.startswith(b"HTTP/1.0 200 OK\r\n"), answer
+            assert b" 100 " not in answer
+        assert body == b'{"a": true}\n'
+        assert server.stats()["functions"]["slow"]["success_requests"] == 1
+    lines = [(r["status"], r["outcome"]) for r in invocation_records(server.log_records())]
+    assert lines == [(200, "ok")]
