@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import math
 import signal
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ from gunicorn.glogging import Logger
 
 from .app import create_app, get_state
 from .config import Config, load_config
+from .drain import mark_server_stopping, server_stopping, start_drain
 from .errors import ConfigError
 from .logs import logging_config
 from .registry import Registry, load_registry
@@ -80,10 +80,17 @@ def is_public(host: str) -> bool:
 
 def when_ready(config: Config, arbiter: Any) -> None:
     """In the master, for `fnserve serve` and `gunicorn -c conf/gunicorn.conf.py` alike."""
+    stop = arbiter.handle_term
+
+    def handle_term() -> None:  # the workers drain visibly only when the master stops
+        mark_server_stopping()
+        stop()
+
+    # The arbiter looks its handlers up by name at each signal.
+    arbiter.handle_term = handle_term
     if not config.dev:
         # the SPEC drains on SIGINT as on SIGTERM; gunicorn's own SIGINT is a quick stop.
-        # The arbiter looks its handlers up by name at each signal.
-        arbiter.handle_int = arbiter.handle_term
+        arbiter.handle_int = handle_term
     if is_public(config.host) and not config.api_key:
         log.warning("fnserve listens on %s, reachable from other machines, and no "
                     "--api-key is set: anyone who can reach port %s can run your "
@@ -146,19 +153,17 @@ def wsgi_app(environ: Mapping[str, str]) -> Flask:
 
 
 def post_worker_init(worker: Any) -> None:
-    """SIGTERM (and, in serve, SIGINT): /healthz says draining, in-flight runs finish, then die."""
+    """SIGTERM (and, in serve, SIGINT): keep answering (503 to new invocations and to
+    /healthz) until the runs in flight are done or killed, then exit (drain.py)."""
     state = get_state(worker.wsgi)
     stop_gracefully = worker.handle_exit
 
     def drain(signum: int, frame: Any) -> None:
-        if not state.draining:
-            state.draining = True
-            # the arbiter SIGKILLs us a second after --graceful-timeout: kill the
-            # functions first, so their requests get an answer and no group outlives us
-            timer = threading.Timer(state.config.graceful_timeout, state.executor.kill_all)
-            timer.daemon = True
-            timer.start()
-        stop_gracefully(signum, frame)
+        # gunicorn's handle_exit stops accepting at once: only once drained, unless the
+        # arbiter is not stopping (a reload: the new worker accepts). The arbiter never
+        # sends SIGINT: that one comes from a user, to stop.
+        start_drain(state, lambda: stop_gracefully(signum, None),
+                    keep_accepting=signum == signal.SIGINT or server_stopping())
 
     signal.signal(signal.SIGTERM, drain)
     if not state.config.dev:

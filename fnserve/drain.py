@@ -1,0 +1,79 @@
+"""The drain of one worker after SIGTERM (or SIGINT in serve): SPEC §4.
+
+While it drains, the worker keeps accepting and answering, new connections included,
+so a load balancer sees it: /healthz answers 503 and a new invocation 503
+`unavailable` with Retry-After (Service refuses it while `draining`). The invocations
+already admitted get until --graceful-timeout; then every one still running is killed
+(its whole process group, and any build), so each of their clients gets an answer.
+Only then does the worker stop accepting (gunicorn's own graceful exit), finish the
+responses it is writing and exit.
+
+gunicorn's arbiter closes its copies of the listening sockets when it is signalled;
+the worker holds its own, inherited at the fork, so it can still accept. The arbiter
+SIGKILLs a worker still there one second after --graceful-timeout (server.py sets
+gunicorn's graceful_timeout so): by then ours is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import threading
+import time
+from collections.abc import Callable
+
+from .service import Service
+
+log = logging.getLogger("fnserve.drain")
+
+# after the kill at --graceful-timeout: how long the killed runs get to be answered
+ANSWER_GRACE = 0.5
+
+# One shared byte, mapped in the master at import (before any fork), so its workers
+# see it: 1 once the master itself is stopping. The arbiter sends its workers SIGTERM
+# on shutdown and on a reload (SIGHUP) alike; on a reload the new worker already
+# accepts, so the old one must stop accepting at once, as gunicorn does.
+_server_stopping = mmap.mmap(-1, 1)
+
+
+def mark_server_stopping() -> None:
+    """In the master, when SIGTERM/SIGINT makes it stop (server.py's when_ready)."""
+    _server_stopping[0] = 1
+
+
+def server_stopping() -> bool:
+    return _server_stopping[0] == 1
+
+
+def start_drain(service: Service, stop_accepting: Callable[[], None],
+                keep_accepting: bool = True) -> None:
+    """Mark the service draining; in a thread, wait for its runs, then stop accepting.
+
+    `keep_accepting=False` (a reload: another worker takes the new connections) stops
+    accepting at once; the runs in flight still get --graceful-timeout."""
+    if service.draining:
+        return
+    service.draining = True
+    if not keep_accepting:
+        stop_accepting()
+    thread = threading.Thread(target=_drain, args=(service, stop_accepting),
+                              name="fnserve-drain", daemon=True)
+    thread.start()
+
+
+def _drain(service: Service, stop_accepting: Callable[[], None]) -> None:
+    started = time.monotonic()
+    timeout = service.config.graceful_timeout
+    try:
+        running = service.limiter.taken
+        log.info("draining: %d invocation(s) running, up to %ss for them to finish",
+                 running, timeout)
+        if not service.limiter.wait_idle(timeout):
+            log.warning("draining: %d invocation(s) still running after %ss: killing them",
+                        service.limiter.taken, timeout)
+            service.executor.kill_all()
+            service.limiter.wait_idle(ANSWER_GRACE)
+        log.info("drained in %.3fs: no longer accepting connections",
+                 time.monotonic() - started)
+    finally:
+        stop_accepting()
