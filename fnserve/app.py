@@ -8,6 +8,7 @@ slot is taken for a request that is refused anyway.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -45,6 +46,8 @@ log = logging.getLogger("fnserve.app")
 METHODS = list(INVOKE_METHODS)
 DISCONNECT_POLL = 0.25  # seconds between checks that the client is still there
 _READ_CHUNK = 64 * 1024
+# bodies larger than this (or chunked) are admitted before they are read (issue 8)
+ADMIT_FIRST_ABOVE = 64 * 1024
 
 
 def get_state(app: Flask) -> Service:
@@ -98,6 +101,30 @@ def _read_body(limit: int) -> bytes:
     except (OSError, ValueError) as exc:  # the client went away or sent a broken chunk
         raise ClientClosed(f"could not read the request body: {exc}") from None
     return b"".join(chunks)
+
+
+def _discard_body(environ: dict[str, Any], limit: int) -> None:
+    """Read and drop at most `limit` + 1 bytes of an unread body, 64 KiB at a time."""
+    stream = get_input_stream(environ, safe_fallback=True, max_content_length=None)
+    left = limit + 1
+    try:
+        while left > 0 and (chunk := stream.read(min(_READ_CHUNK, left))):
+            left -= len(chunk)
+    except (OSError, ValueError):  # the client gave up: nothing more to do
+        pass
+
+
+def _admit_before_reading(limit: int) -> bool:
+    """A body larger than ADMIT_FIRST_ABOVE, or of unknown size (chunked), is admitted
+    (or refused 429) before it is read, so a refusal costs no upload; a smaller one
+    is read first, keeping the SPEC's order of refusals (413, 400, then 429). A
+    Content-Length over the limit is still a 413 first: it costs nothing to see."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    if length is None:
+        return request.headers.get("Transfer-Encoding", "").lower() != ""
+    return length > ADMIT_FIRST_ABOVE
 
 
 def _is_json_type(mimetype: str) -> bool:
@@ -156,23 +183,40 @@ def _add_routes(app: Flask, state: Service) -> None:
         _check_auth(config)
         spec = state.registry.get(name)
         g.function = spec.name
-        event = _read_body(config.max_body)
-        if not event:
-            event = b"{}"
-        elif _is_json_type(request.mimetype):
-            try:
-                parse_json(event)
-            except ValueError:
-                raise InvalidJSON() from None
-        outcome = state.invoke(
-            InvocationRequest(
-                spec, event, g.request_id, g.tracing,
-                parameters={key: request.args[key] for key in request.args},
-                forwarded=without_server_key(
-                    forwarded_env(request.headers.get, config.forward_headers),
-                    config.api_key or ""),
-                method=request.method, received_at=g.started),
-            watch=functools.partial(_wait, environ=request.environ))
+        invocation = InvocationRequest(
+            spec, b"", g.request_id, g.tracing,
+            parameters={key: request.args[key] for key in request.args},
+            forwarded=without_server_key(
+                forwarded_env(request.headers.get, config.forward_headers),
+                config.api_key or ""),
+            method=request.method, received_at=g.started)
+        slot = None
+        if _admit_before_reading(config.max_body):
+            reserved = state.reserve(invocation)
+            if isinstance(reserved, Outcome):
+                g.logged = True  # the service logged it
+                refusal = _response(reserved)
+                # after the answer is sent: a client that writes its whole body before
+                # reading would otherwise get a reset instead of the 429
+                refusal.call_on_close(functools.partial(_discard_body, request.environ,
+                                                        config.max_body))
+                return refusal
+            slot = reserved
+        try:
+            event = _read_body(config.max_body)
+            if not event:
+                event = b"{}"
+            elif _is_json_type(request.mimetype):
+                try:
+                    parse_json(event)
+                except ValueError:
+                    raise InvalidJSON() from None
+            outcome = state.invoke(dataclasses.replace(invocation, event=event),
+                                   watch=functools.partial(_wait, environ=request.environ),
+                                   slot=slot)
+        finally:
+            if slot is not None:
+                slot.release()  # a no-op once invoke() took it over
         g.logged = True  # the service logged it
         return _response(outcome)
 

@@ -53,6 +53,28 @@ class InvocationRequest:
     received_at: float = field(default_factory=time.monotonic)
 
 
+class Slot:
+    """An admission taken before the event is read (a large upload, app.py), so a
+    request that will be refused 429 does not cost its upload. Hand it to
+    Service.invoke(), which then owns it; release() it if the invocation never comes
+    (the body turned out too large, not JSON, or the client went away): a slot
+    taken and released without a run is neither counted nor logged."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self._limiter = limiter
+        self._held = True
+
+    def hand_over(self) -> None:
+        if not self._held:
+            raise RuntimeError("this slot was already used or released")
+        self._held = False
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limiter.release()
+
+
 # called once per finished invocation, with its duration in seconds (from admission)
 Listener = Callable[[InvocationRequest, Outcome, float], None]
 # waits for a submitted run, and may cancel it (the HTTP route watches its client)
@@ -103,12 +125,18 @@ class Service:
 
     # -- the two ways in ------------------------------------------------------------
 
-    def invoke(self, request: InvocationRequest, watch: Watch | None = None) -> Outcome:
-        """Run it now and answer: never raises for the function's or the limiter's sake."""
-        try:
-            self._admit(request)
-        except FnServeError as refusal:
-            return self._report(request, from_error(refusal, request.request_id), 0.0)
+    def invoke(self, request: InvocationRequest, watch: Watch | None = None,
+               slot: Slot | None = None) -> Outcome:
+        """Run it now and answer: never raises for the function's or the limiter's sake.
+
+        With a `slot` from reserve(), admission was decided already and is not redone."""
+        if slot is not None:
+            slot.hand_over()
+        else:
+            try:
+                self._admit(request)
+            except FnServeError as refusal:
+                return self._report(request, from_error(refusal, request.request_id), 0.0)
         try:
             admitted, deadline = self._admitted(request)
             result: Result | None = None
@@ -122,6 +150,16 @@ class Service:
             return self._complete(request, admitted, deadline, result)
         finally:
             self.limiter.release()
+
+    def reserve(self, request: InvocationRequest) -> Slot | Outcome:
+        """Admission alone, before the event is read: a Slot for invoke(), or the
+        refusal (429, or 503 while draining), reported like invoke() reports it.
+        `request.event` is not looked at (the body has not been read)."""
+        try:
+            self._admit(request)
+        except FnServeError as refusal:
+            return self._report(request, from_error(refusal, request.request_id), 0.0)
+        return Slot(self.limiter)
 
     def enqueue(self, request: InvocationRequest) -> None:
         """Admit it now (TooManyRequests, Unavailable), run it in the background.

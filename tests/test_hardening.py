@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
+import threading
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -106,6 +109,10 @@ def _request(sock: socket.socket, path: str, body: bytes = b"{}",
     """One HTTP/1.1 request on an open connection; its status, headers and body."""
     sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return _response(sock)
+
+
+def _response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     reader = sock.makefile("rb")
     status = int(reader.readline().split()[1])
     headers: dict[str, str] = {}
@@ -223,3 +230,133 @@ def test_a_half_closed_client_gets_its_answer(tmp_path: Path, protocol: str) -> 
         assert server.stats()["functions"]["slow"]["success_requests"] == 1
     lines = [(r["status"], r["outcome"]) for r in invocation_records(server.log_records())]
     assert lines == [(200, "ok")]
+
+
+# -- 8: admission before a large upload is read ------------------------------------------
+
+
+def _gated(directory: Path, gate: Path) -> None:
+    write_function(directory, "echo.py", """
+        import hashlib, sys
+        data = sys.stdin.buffer.read()
+        print(f'{{"size": {len(data)}, "sha": "{hashlib.sha256(data).hexdigest()}"}}')
+    """)
+    write_function(directory, "holds.py", f"""
+        import os, time
+        open({str(gate) + '.started'!r}, 'a').close()
+        while not os.path.exists({str(gate)!r}):
+            time.sleep(0.01)
+        print('{{}}')
+    """)
+
+
+class _Full:
+    """A server with --concurrency 1 whose one slot is held until the context ends."""
+
+    def __init__(self, server: LiveServer, gate: Path) -> None:
+        self.server, self.gate = server, gate
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+
+    def __enter__(self) -> _Full:
+        self.sock.sendall(b"POST /function/holds HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                          b"Connection: close\r\n\r\n")
+        assert wait_until(lambda: self.server.stats()["active_requests"] == 1, 10)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.gate.touch()
+        assert b" 200 " in self.sock.recv(100)
+        self.sock.close()
+
+
+def _head_only(port: int, headers: str) -> tuple[int, dict[str, str], bytes]:
+    """Send a request's head and none of its body; the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST /function/echo HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        return _response(sock)  # times out (fails) if the server waits for the body
+
+
+@pytest.mark.parametrize("headers", [
+    "Content-Length: 5000000\r\n",
+    "Transfer-Encoding: chunked\r\n",
+], ids=["content-length", "chunked"])
+def test_a_large_upload_to_a_full_server_is_refused_before_its_body_is_read(
+        tmp_path: Path, headers: str) -> None:
+    directory = tmp_path / "functions"
+    _gated(directory, tmp_path / "gate")
+    with running(LiveServer(directory, "--concurrency", "1")) as server:
+        with _Full(server, tmp_path / "gate"):
+            status, response_headers, body = _head_only(server.port, headers)
+            assert (status, json.loads(body)["code"]) == (429, "too_many_requests")
+            assert response_headers["retry-after"] == "1"
+            # a client that sends its whole body before reading still gets the 429
+            response = server.post("/function/echo", data=b"x" * (2 * 1024 * 1024))
+            assert response.status_code == 429
+            assert server.stats()["functions"]["echo"]["rejected_requests"] == 2
+        assert server.post("/function/echo", data=b"x" * 100_000).json()["size"] == 100_000
+    lines = [(r["function"], r["status"]) for r in invocation_records(server.log_records())]
+    assert lines == [("echo", 429), ("echo", 429), ("holds", 200), ("echo", 200)]
+
+
+def test_a_small_body_keeps_the_specs_order_a_large_one_is_admitted_first(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "functions"
+    _gated(directory, tmp_path / "gate")
+    json_type = {"Content-Type": "application/json"}
+    server = LiveServer(directory, "--concurrency", "1", "--max-body", "1MB")
+    with running(server), _Full(server, tmp_path / "gate"):
+        small = server.post("/function/echo", data=b"{", headers=json_type)
+        assert (small.status_code, small.json()["code"]) == (400, "invalid_json")
+        large = server.post("/function/echo", data=b"{" * 100_000, headers=json_type)
+        assert (large.status_code, large.json()["code"]) == (429, "too_many_requests")
+        # a Content-Length over --max-body is still a 413 first: it costs nothing
+        huge = server.post("/function/echo", data=b"x" * (2 * 1024 * 1024))
+        assert (huge.status_code, huge.json()["code"]) == (413, "payload_too_large")
+
+
+def _endless_chunked(port: int) -> bytes:
+    """A chunked upload sent until the server answers (it stops reading at --max-body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /function/echo HTTP/1.1\r\nHost: x\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        stop = threading.Event()
+
+        def send() -> None:
+            chunk = b"4000\r\n" + b"c" * 0x4000 + b"\r\n"
+            try:
+                while not stop.is_set():
+                    sock.sendall(chunk)
+            except OSError:
+                pass  # the server closed on us: expected
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        try:
+            return sock.recv(65536)
+        finally:
+            stop.set()
+            sender.join(10)
+
+
+def test_a_slot_taken_for_an_upload_that_is_then_refused_is_given_back(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "functions"
+    _gated(directory, tmp_path / "gate")
+    with running(LiveServer(directory, "--concurrency", "1", "--max-body", "1MB")) as server:
+        def chunks(size: int) -> Any:
+            for _ in range(size // 65536):
+                yield b"x" * 65536
+
+        # chunked: admitted first, then found too large (413) or not JSON (400)
+        assert _endless_chunked(server.port).startswith(b"HTTP/1.1 413 ")
+        not_json = server.post("/function/echo", data=chunks(256 * 1024),
+                               headers={"Content-Type": "application/json"})
+        assert (not_json.status_code, not_json.json()["code"]) == (400, "invalid_json")
+        # the one slot is free again, and the large body arrives whole
+        body = os.urandom(900_000)
+        echoed = server.post("/function/echo", data=body)
+        assert echoed.status_code == 200, echoed.text
+        assert echoed.json() == {"size": len(body), "sha": hashlib.sha256(body).hexdigest()}
+        stats = server.stats()
+        assert (stats["active_requests"], stats["total_requests"],
+                stats["success_requests"]) == (0, 1, 1)
