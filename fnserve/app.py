@@ -3,7 +3,9 @@
 An invocation reads top to bottom: auth -> registry (404) -> bounded body (413)
 -> JSON check (400) -> service.py (limiter 429, context, executor, stats, log,
 history) -> the Outcome as the response. The cheapest refusal comes first, and no
-slot is taken for a request that is refused anyway.
+slot is taken for a request that is refused anyway. A body over ADMIT_FIRST_ABOVE
+(or chunked) is the exception: its slot is reserved before it is read, so that a
+429 does not cost the upload (README: the order for large bodies).
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def _admit_before_reading(limit: int) -> bool:
     if length is not None and length > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
     if length is None:
-        return request.headers.get("Transfer-Encoding", "").lower() != ""
+        return bool(request.headers.get("Transfer-Encoding"))
     return length > ADMIT_FIRST_ABOVE
 
 
