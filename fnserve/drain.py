@@ -45,35 +45,42 @@ def server_stopping() -> bool:
     return _server_stopping[0] == 1
 
 
-def start_drain(service: Service, stop_accepting: Callable[[], None],
-                keep_accepting: bool = True) -> None:
-    """Mark the service draining; in a thread, wait for its runs, then stop accepting.
+class Drain:
+    """One worker's drain: the first signal starts it, a repeated one changes nothing."""
 
-    `keep_accepting=False` (a reload: another worker takes the new connections) stops
-    accepting at once; the runs in flight still get --graceful-timeout."""
-    if service.draining:
-        return
-    service.draining = True
-    if not keep_accepting:
-        stop_accepting()
-    thread = threading.Thread(target=_drain, args=(service, stop_accepting),
-                              name="fnserve-drain", daemon=True)
-    thread.start()
+    def __init__(self, service: Service, stop_accepting: Callable[[], None]) -> None:
+        self.service = service
+        self.stop_accepting = stop_accepting
+        self.started = False
 
+    def start(self, keep_accepting: bool) -> None:
+        """Keep accepting and refuse new invocations 503 (the server stops), or, on a
+        reload (another worker takes the new connections), stop accepting at once and
+        serve what this worker has accepted already. Either way the runs in flight get
+        --graceful-timeout, in a thread, then the worker stops accepting."""
+        if self.started:
+            return
+        self.started = True
+        if keep_accepting:
+            self.service.draining = True
+        else:
+            self.stop_accepting()
+        threading.Thread(target=self._run, name="fnserve-drain", daemon=True).start()
 
-def _drain(service: Service, stop_accepting: Callable[[], None]) -> None:
-    started = time.monotonic()
-    timeout = service.config.graceful_timeout
-    try:
-        running = service.limiter.taken
-        log.info("draining: %d invocation(s) running, up to %ss for them to finish",
-                 running, timeout)
-        if not service.limiter.wait_idle(timeout):
-            log.warning("draining: %d invocation(s) still running after %ss: killing them",
-                        service.limiter.taken, timeout)
-            service.executor.kill_all()
-            service.limiter.wait_idle(ANSWER_GRACE)
-        log.info("drained in %.3fs: no longer accepting connections",
-                 time.monotonic() - started)
-    finally:
-        stop_accepting()
+    def _run(self) -> None:
+        service = self.service
+        started = time.monotonic()
+        timeout = service.config.graceful_timeout
+        try:
+            log.info("draining: %d invocation(s) running, up to %ss for them to finish",
+                     service.limiter.taken, timeout)
+            if not service.limiter.wait_idle(timeout):
+                log.warning("draining: %d invocation(s) still running after %ss: killing "
+                            "them", service.limiter.taken, timeout)
+                service.draining = True  # their clients get 503, not "you went away"
+                service.executor.kill_all()
+                service.limiter.wait_idle(ANSWER_GRACE)
+            log.info("drained in %.3fs: no longer accepting connections",
+                     time.monotonic() - started)
+        finally:
+            self.stop_accepting()

@@ -23,7 +23,7 @@ from gunicorn.glogging import Logger
 
 from .app import create_app, get_state
 from .config import Config, load_config
-from .drain import mark_server_stopping, server_stopping, start_drain
+from .drain import Drain, mark_server_stopping, server_stopping
 from .errors import ConfigError
 from .logs import logging_config
 from .registry import Registry, load_registry
@@ -31,6 +31,7 @@ from .registry import Registry, load_registry
 log = logging.getLogger("fnserve.server")
 
 SPARE_THREADS = 16  # beyond --concurrency: for 429s, /healthz, /metrics under full load
+STOP_LINGER = 2  # seconds a stopping worker may take after the drain (see graceful_timeout)
 
 
 def gunicorn_settings(config: Config) -> dict[str, Any]:
@@ -47,9 +48,12 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "keepalive": 5,
         # gthread's main loop heartbeats while requests run; this only catches a hung worker
         "timeout": int(config.timeout + config.graceful_timeout) + 30,
-        # gunicorn takes whole seconds; one more than ours, so that our own kill at
-        # --graceful-timeout (post_worker_init) comes first and every request is answered
-        "graceful_timeout": math.ceil(config.graceful_timeout) + 1,
+        # gunicorn takes whole seconds; more than ours, so that our own kill at
+        # --graceful-timeout (drain.py) comes first and every request is answered, and
+        # the worker, which stops accepting only then, can close its idle kept-alive
+        # connections (a stopping gthread worker keeps them up to 2 s) before the
+        # arbiter's SIGKILL
+        "graceful_timeout": math.ceil(config.graceful_timeout) + 1 + STOP_LINGER,
         "preload_app": False,
         "control_socket_disable": True,  # gunicorn >= 25.1 would open one at a shared path
         "proc_name": "fnserve",
@@ -158,12 +162,13 @@ def post_worker_init(worker: Any) -> None:
     state = get_state(worker.wsgi)
     stop_gracefully = worker.handle_exit
 
+    # gunicorn's handle_exit stops accepting at once: only once drained, unless the
+    # arbiter is not stopping (a reload: the new worker accepts)
+    draining = Drain(state, lambda: stop_gracefully(signal.SIGTERM, None))
+
     def drain(signum: int, frame: Any) -> None:
-        # gunicorn's handle_exit stops accepting at once: only once drained, unless the
-        # arbiter is not stopping (a reload: the new worker accepts). The arbiter never
-        # sends SIGINT: that one comes from a user, to stop.
-        start_drain(state, lambda: stop_gracefully(signum, None),
-                    keep_accepting=signum == signal.SIGINT or server_stopping())
+        # the arbiter never sends SIGINT: that one comes from a user, to stop
+        draining.start(keep_accepting=signum == signal.SIGINT or server_stopping())
 
     signal.signal(signal.SIGTERM, drain)
     if not state.config.dev:
@@ -178,7 +183,9 @@ def worker_exit(server: Any, worker: Any) -> None:
     """Whatever way the worker ends, the process groups of its functions end with it."""
     app = getattr(worker, "wsgi", None)
     if isinstance(app, Flask) and "fnserve" in app.extensions:
-        get_state(app).executor.shutdown()
+        state = get_state(app)
+        state.draining = True  # a run killed now is the shutdown's doing: 503, not 499
+        state.executor.shutdown()
 
 
 class FnServeApplication(BaseApplication):  # type: ignore[misc]
