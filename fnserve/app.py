@@ -140,6 +140,8 @@ def _wait(run: Run, environ: dict[str, Any]) -> Result:
         if sock is None:  # flask run, test client: no socket to watch
             return run.result()
         client = ClientWatch(sock, environ.get("SERVER_PROTOCOL", ""))
+        run.hangup_fd = sock.fileno()  # an inline run watches it itself, and asks
+        run.client_gone = client.hangup  # whether a hangup seen there is a disconnect
         while True:
             try:
                 return run.result(timeout=DISCONNECT_POLL)

@@ -109,7 +109,7 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
     try:
         result = run_function(spec, event, parameters=_pairs(param, "--param"),
                               env=_pairs(env, "--env"), timeout=seconds,
-                              stderr_sink=echo_stderr)
+                              stderr_sink=echo_stderr, stdout_sink=echo_stderr)
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGNAL_BASE + 2)
     except OSError as exc:  # FnServe's own trouble (an unwritable cache): say it in a line
@@ -148,12 +148,12 @@ def list_functions(directory: str) -> None:
     if not rows:
         click.echo(f"no functions in {directory}")
         return
-    table = [("NAME", "RUNTIME", "TIMEOUT", "MEMORY", "STATUS")] + [
-        (r["name"], r["runtime"], r["timeout"] or "-", r["memory"] or "-",
+    table = [("NAME", "RUNTIME", "MODE", "TIMEOUT", "MEMORY", "STATUS")] + [
+        (r["name"], r["runtime"], r["mode"] or "-", r["timeout"] or "-", r["memory"] or "-",
          r["status"] if r["status"] == "ok" else f"error: {r['error']}")
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
-        cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
-        click.echo("  ".join([*cells, row[4].splitlines()[0] if row[4] else ""]))
+        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
+        click.echo("  ".join([*cells, row[5].splitlines()[0] if row[5] else ""]))

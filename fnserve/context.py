@@ -65,7 +65,9 @@ class Context:
             "deadline_ms": self.deadline_ms,
             "parameters": dict(self.parameters),
             "env": dict(self.env),
-            "tracing": dataclasses.asdict(self.tracing),
+            # not dataclasses.asdict: it deep-copies, a tenth of a warm call's own time
+            "tracing": {"trace_id": self.tracing.trace_id, "span_id": self.tracing.span_id,
+                        "parent_id": self.tracing.parent_id},
         }, separators=(",", ":"))
 
 

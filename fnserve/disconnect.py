@@ -39,6 +39,12 @@ class ClientWatch:
         mask = 0
         for _fd, events in poller.poll(0):
             mask |= events
+        return self.hangup(mask)
+
+    def hangup(self, mask: int) -> bool:
+        """Given the poll events seen on the socket, is the client gone? A caller that
+        polls the socket itself (an inline run) asks this, and after a False waits for
+        a reset only (events 0): the read side stays closed, and POLLRDHUP with it."""
         if mask & _RESET:
             return True
         if not mask & select.POLLRDHUP or not self.may_write_interim or self.probed:

@@ -14,7 +14,9 @@ group kill; its pipes are closed on it after EXIT_GRACE.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import logging
 import os
 import select
@@ -23,20 +25,21 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from .context import Context, function_environment
 from .registry import FunctionSpec
-from .runtimes import BuildError, Runtime
+from .runtimes import BuildError, Runner, Runtime
 
 log = logging.getLogger("fnserve.executor")
 
 STDERR_TAIL = 64 * 1024
 MAX_STDERR_LINE = 16 * 1024
 READ_CHUNK = 64 * 1024
+INLINE_WAIT_SLICE = 0.05  # seconds between looks at a cancel while waiting for a slot
 EXIT_GRACE = 0.2  # seconds an exited function's leftover pipe holders get before we stop reading
 DEFAULT_MAX_OUTPUT = 6 * 1024 * 1024
 # a fixed search path: the memory wrapper must not depend on the caller's PATH
@@ -83,17 +86,43 @@ class Result:
 
 
 StderrSink = Callable[[Invocation, str], None]
+LineSink = StderrSink  # a handler's stdout lines (fork/warm) go to one of these too
+
+
+@dataclass
+class Job:
+    """One invocation as a mode runner (fork, warm) gets it: what process mode has at spawn."""
+
+    invocation: Invocation
+    context: Context  # stamped: the deadline as the function sees it
+    deadline: float  # time.monotonic()
+    run: Run  # attach a wake fd to hear a cancel from another thread
+    stderr: LineLog
+    stdout: LineLog
+    process_argv: Callable[[Sequence[str]], list[str]]  # the one argv builder (memory limit)
 
 
 class Run:
-    """A submitted invocation: its future, and cancel() for another thread."""
+    """A submitted invocation: its future, and cancel() for another thread.
+
+    An inline run (fork/warm: its runner only waits on descriptors) executes in the
+    first thread that asks for its result, with no hand-off to a pool thread; that
+    call returns when the run is done, whatever its timeout: the run's own deadline
+    and a cancel bound it, and a hangup of `hangup_fd` (the client's socket, set by
+    the caller) cancels it.
+    """
 
     def __init__(self, invocation: Invocation) -> None:
         self.invocation = invocation
         self.future: Future[Result] = Future()
+        self.hangup_fd = -1
+        # given the poll events seen on hangup_fd, is the client gone? None: any hangup
+        # is (app.py sets disconnect.ClientWatch.hangup: a half-close is not)
+        self.client_gone: Callable[[int], bool] | None = None
         self._lock = threading.Lock()
         self._cancelled = False
         self._wake_fd = -1
+        self._inline: Callable[[Run], None] | None = None
 
     def cancel(self) -> None:
         with self._lock:
@@ -106,6 +135,11 @@ class Run:
         return self._cancelled
 
     def result(self, timeout: float | None = None) -> Result:
+        if self._inline is not None:
+            with self._lock:
+                execute, self._inline = self._inline, None
+            if execute is not None:
+                execute(self)
         return self.future.result(timeout)
 
     def _attach(self, wake_fd: int) -> bool:
@@ -126,11 +160,15 @@ class Executor:
         runtimes: Mapping[str, Runtime],
         stderr_sink: StderrSink | None = None,
         stderr_log_limit: int | None = 1024 * 1024,
+        stdout_sink: LineSink | None = None,
     ) -> None:
         self.runtimes = runtimes
         self.stderr_sink = stderr_sink
+        self.stdout_sink = stdout_sink
         self.stderr_log_limit = stderr_log_limit
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fnserve-run")
+        # inline runs hold no pool thread: --workers bounds them with these slots
+        self._inline_slots = threading.BoundedSemaphore(workers)
         self._lock = threading.Lock()
         self._active: set[Run] = set()
         # The memory limit is RLIMIT_DATA set by util-linux prlimit, which then execs
@@ -141,10 +179,16 @@ class Executor:
 
     # -- public API -------------------------------------------------------------
 
-    def submit(self, invocation: Invocation) -> Run:
+    def submit(self, invocation: Invocation, inline: bool = False) -> Run:
+        """Queue it on the pool. `inline`: the caller waits for the result at once, so a
+        run that needs no thread of its own (fork/warm) runs in the caller's thread."""
         run = Run(invocation)
         with self._lock:
             self._active.add(run)
+        spec = invocation.spec
+        if inline and self.runtimes[spec.runtime].runner(spec) is not None:
+            run._inline = self._run_inline
+            return run
         try:
             self._pool.submit(self._run_into_future, run)
         except RuntimeError:  # pool shut down: the server is stopping
@@ -186,6 +230,21 @@ class Executor:
         with self._lock:
             self._active.discard(run)
 
+    def _run_inline(self, run: Run) -> None:
+        """In the caller's thread, once one of --workers slots is free (waiting counts
+        against the deadline, as in the pool's queue)."""
+        while not self._inline_slots.acquire(timeout=INLINE_WAIT_SLICE):
+            if run.cancelled or time.monotonic() >= run.invocation.deadline_at:
+                outcome = "cancelled" if run.cancelled else "timeout"
+                if run.future.set_running_or_notify_cancel():
+                    run.future.set_result(Result(outcome, run.invocation.context.started(0.0)))
+                self._forget(run)
+                return
+        try:
+            self._run_into_future(run)
+        finally:
+            self._inline_slots.release()
+
     def _run_into_future(self, run: Run) -> None:
         if not run.future.set_running_or_notify_cancel():
             self._forget(run)
@@ -204,6 +263,9 @@ class Executor:
         spec = invocation.spec
         if run.cancelled:
             return Result("cancelled", invocation.context)
+        runner = self.runtimes[spec.runtime].runner(spec)
+        if runner is not None:
+            return self._execute_with(runner, run)
         build_started = time.monotonic()
         try:
             command = self.runtimes[spec.runtime].command(spec)
@@ -218,7 +280,7 @@ class Executor:
         if run.cancelled:
             return Result("cancelled", invocation.context)
         context = invocation.context.started(remaining)
-        argv = self._with_memory_limit(command.argv, spec.settings.memory)
+        argv = self.process_argv(command.argv, spec)
         started = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -254,6 +316,29 @@ class Executor:
             signal=-returncode if returncode < 0 else None,
             duration=duration,
         )
+
+    def _execute_with(self, runner: Runner, run: Run) -> Result:
+        """fork and warm modes: the runner owns the process; deadline, cancel and the
+        output cap hold as in process mode (it gets them in the Job)."""
+        invocation = run.invocation
+        remaining = invocation.deadline_at - time.monotonic()
+        if remaining <= 0:  # used up waiting in the queue
+            return Result("timeout", invocation.context.started(0.0))
+        context = invocation.context.started(remaining)
+        stderr = LineLog(invocation, self.stderr_sink, self.stderr_log_limit)
+        stdout = LineLog(invocation, self.stdout_sink, self.stderr_log_limit)
+        job = Job(invocation, context, invocation.deadline_at, run, stderr, stdout,
+                  functools.partial(self.process_argv, spec=invocation.spec))
+        result = runner.run(job)
+        stderr.close()
+        stdout.close()
+        tail = stderr.tail()
+        return dataclasses.replace(result, stderr_tail=tail) if tail else result
+
+    def process_argv(self, argv: Sequence[str], spec: FunctionSpec) -> list[str]:
+        """The argv that starts any process of `spec`: a process-mode run, a fork server or
+        a warm pool process. The one place a wrapper (memory limit, sandbox) is added."""
+        return self._with_memory_limit(tuple(argv), spec.settings.memory)
 
     def _with_memory_limit(self, argv: tuple[str, ...], memory: int | None) -> list[str]:
         if not memory:
@@ -498,3 +583,6 @@ class _StderrLines:
 
     def tail(self) -> bytes:
         return bytes(self._tail)
+
+
+LineLog = _StderrLines  # the name fork/warm runners use: stdout lines are logged the same way

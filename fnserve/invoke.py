@@ -60,6 +60,7 @@ def run_function(
     timeout: float | None = None,
     environ: Mapping[str, str] | None = None,
     stderr_sink: StderrSink | None = None,
+    stdout_sink: StderrSink | None = None,
 ) -> Result:
     """Run one function once, through the same executor the server uses."""
     spec = target if isinstance(target, FunctionSpec) else resolve(target, directory)
@@ -72,7 +73,11 @@ def run_function(
                            parameters=parameters,
                            configured_env={**spec.settings.env, **(env or {})})
     executor = Executor(1, make_runtimes(cache_dir(environ), build_environment(environ)),
-                        stderr_sink=stderr_sink, stderr_log_limit=None)
+                        stderr_sink=stderr_sink, stderr_log_limit=None,
+                        stdout_sink=stdout_sink)
     invocation = Invocation(spec, context, event, time.monotonic() + deadline,
                             base_environment(environ))
-    return executor.run(invocation)
+    try:
+        return executor.run(invocation)
+    finally:  # fork/warm: the fork server or warm process started for this one call
+        executor.shutdown()

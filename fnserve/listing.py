@@ -30,6 +30,7 @@ def describe_registry(registry: Registry, runtimes: Mapping[str, Runtime],
         rows.append({
             "name": spec.name,
             "runtime": spec.runtime,
+            "mode": settings.mode if spec.runtime == "python" else None,
             "timeout": format_duration(timeout) if timeout else None,
             "memory": format_size(settings.memory) if settings.memory else None,
             "status": "ok" if problem is None else "error",

@@ -11,7 +11,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,11 @@ log = logging.getLogger("fnserve.registry")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-SETTING_KEYS = ("timeout", "memory", "env", "python")
+SETTING_KEYS = ("timeout", "memory", "env", "python", "mode", "handler", "pool", "max_requests")
+MODES = ("process", "fork", "warm")
+PYTHON_ONLY_KEYS = ("mode", "handler", "pool", "max_requests")  # SPEC §8
+DEFAULT_POOL = 4
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,10 @@ class Settings:
     memory: int | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     python: str | None = None
+    mode: str = "process"  # SPEC §8: "process" | "fork" | "warm" (Python functions only)
+    handler: str | None = None  # fork/warm: the callable; unset: handler, else lambda_handler
+    pool: int = DEFAULT_POOL  # warm: processes per function
+    max_requests: int = 0  # warm: replace a process after this many invocations; 0 = never
 
 
 @dataclass(frozen=True)
@@ -137,7 +145,9 @@ def parse_settings(table: Any, where: str, base: Settings | None = None) -> Sett
         raise ConfigError(f"{where}: must be a table")
     base = base or Settings()
     values: dict[str, Any] = {"timeout": base.timeout, "memory": base.memory,
-                              "env": dict(base.env), "python": base.python}
+                              "env": dict(base.env), "python": base.python, "mode": base.mode,
+                              "handler": base.handler, "pool": base.pool,
+                              "max_requests": base.max_requests}
     for key, value in table.items():
         if key not in SETTING_KEYS:
             raise ConfigError(f"{where}.{key}: unknown key (expected one of "
@@ -151,11 +161,48 @@ def parse_settings(table: Any, where: str, base: Settings | None = None) -> Sett
                 if not isinstance(value, str) or not value:
                     raise ValueError(f"must be a path to an interpreter, not {value!r}")
                 values["python"] = value
+            elif key in PYTHON_ONLY_KEYS:
+                values[key] = _parse_mode_setting(key, value)
             else:
                 values["env"].update(_parse_env(value))
         except ValueError as exc:
             raise ConfigError(f"{where}.{key}: {exc}") from None
     return Settings(**values)
+
+
+def _parse_mode_setting(key: str, value: Any) -> Any:
+    if key == "mode":
+        if value not in MODES:
+            raise ValueError(f"must be one of {', '.join(MODES)}, not {value!r}")
+        return value
+    if key == "handler":
+        if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+            raise ValueError(f"must be the name of a module-level callable, not {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be a whole number, not {value!r}")
+    if key == "pool" and not 1 <= value <= 256:
+        raise ValueError(f"must be between 1 and 256, not {value}")
+    if key == "max_requests" and value < 0:
+        raise ValueError(f"must be 0 (never) or more, not {value}")
+    return value
+
+
+def check_runtime_settings(spec: FunctionSpec, table: Mapping[str, Any] | None,
+                           where: str) -> FunctionSpec:
+    """`mode` and its keys are for Python functions: in a Go or exec function's own table
+    they are an error naming the key; inherited from [defaults] they do not apply."""
+    if spec.runtime == "python":
+        return spec
+    for key in PYTHON_ONLY_KEYS:
+        if table is not None and key in table:
+            raise ConfigError(f"{where}.{key}: only Python functions have a mode (SPEC §8); "
+                              f"{spec.name} is a {spec.runtime} function")
+    if spec.settings.mode == "process":
+        return spec
+    settings = replace(spec.settings, mode="process", handler=None, pool=DEFAULT_POOL,
+                       max_requests=0)
+    return replace(spec, settings=settings)
 
 
 def _parse_env(value: Any) -> dict[str, str]:
@@ -205,8 +252,11 @@ def load_registry(directory: str | Path, document: Mapping[str, Any] | None = No
     for name in per_function:
         if name not in found:
             warnings.append(f"{directory / TOML_NAME}: functions.{name}: no such function")
+    functions_table = document.get("functions", {})
     specs = {
-        name: FunctionSpec(name, runtime, entry, cwd, per_function.get(name, defaults))
+        name: check_runtime_settings(
+            FunctionSpec(name, runtime, entry, cwd, per_function.get(name, defaults)),
+            functions_table.get(name), f"{directory / TOML_NAME}: functions.{name}")
         for name, (runtime, entry, cwd) in found.items()
     }
     return Registry(directory, specs, tuple(warnings))
@@ -220,16 +270,21 @@ def spec_for_path(path: Path) -> FunctionSpec:
         name = path.name
     else:
         name = path.stem if path.suffix in (".py", ".go", ".sh") else path.name
-    defaults, per_function = load_settings(directory, read_toml(directory))
+    document = read_toml(directory)
+    defaults, per_function = load_settings(directory, document)
     settings = per_function.get(name, defaults)
+    table = document.get("functions", {}).get(name)
+    where = f"{directory / TOML_NAME}: functions.{name}"
     if path.is_dir():
         for main, runtime in (("main.py", "python"), ("main.go", "go")):
             if (path / main).is_file():
-                return FunctionSpec(name, runtime, path / main, path, settings)
+                return check_runtime_settings(
+                    FunctionSpec(name, runtime, path / main, path, settings), table, where)
         raise NotFound(f"{path}: no main.py or main.go in this directory")
     if not path.is_file():
         raise NotFound(f"{path}: no such file")
     runtime = {".py": "python", ".go": "go"}.get(path.suffix, "exec")
     if runtime == "exec" and not os.access(path, os.X_OK):
         raise NotFound(f"{path}: not a .py or .go file, and not executable")
-    return FunctionSpec(name, runtime, path, directory, settings)
+    return check_runtime_settings(FunctionSpec(name, runtime, path, directory, settings),
+                                  table, where)

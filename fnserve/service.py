@@ -86,6 +86,12 @@ def _log_stderr(invocation: Invocation, line: str) -> None:
                                    "request_id": invocation.context.request_id})
 
 
+def _log_stdout(invocation: Invocation, line: str) -> None:
+    # what a fork/warm handler prints (SPEC §8): a log line, never part of the result
+    function_log.info(line, extra={"function": invocation.spec.name, "stream": "stdout",
+                                   "request_id": invocation.context.request_id})
+
+
 def _wait(run: Run) -> Result:
     try:
         return run.result()
@@ -115,7 +121,8 @@ class Service:
         self.registry = registry if registry is not None else load_registry(
             config.functions_dir)
         self.runtimes: dict[str, Runtime] = make_runtimes(config.cache_dir, config.build_env)
-        self.executor = Executor(config.workers, self.runtimes, stderr_sink=_log_stderr)
+        self.executor = Executor(config.workers, self.runtimes, stderr_sink=_log_stderr,
+                                 stdout_sink=_log_stdout)
         self.limiter = Limiter(config.concurrency)
         self.stats = Stats()
         self.metrics = CollectorRegistry(auto_describe=False)
@@ -141,7 +148,8 @@ class Service:
             admitted, deadline = self._admitted(request)
             result: Result | None = None
             try:
-                result = (watch or _wait)(self._submit(request, admitted, deadline))
+                result = (watch or _wait)(self._submit(request, admitted, deadline,
+                                                       inline=True))
             except Exception:
                 log.exception("internal error invoking %s", request.spec.name)
             except BaseException:  # still counted: /stats must not show it active forever
@@ -208,7 +216,8 @@ class Service:
         self.stats.admitted(request.spec.name)
         return time.monotonic(), request.spec.deadline(self.config.timeout)
 
-    def _submit(self, request: InvocationRequest, admitted: float, deadline: float) -> Run:
+    def _submit(self, request: InvocationRequest, admitted: float, deadline: float,
+                inline: bool = False) -> Run:
         spec = request.spec
         context = make_context(
             spec.name, deadline, request_id=request.request_id, tracing=request.tracing,
@@ -218,7 +227,9 @@ class Service:
         invocation = Invocation(spec, context, request.event, admitted + deadline,
                                 self.config.base_env, self.config.max_output,
                                 request.client_context)
-        return self.executor.submit(invocation)
+        # invoke() waits at once: a fork/warm run then needs no pool thread (one hand-off
+        # less per request); enqueue() does not wait, so its runs go to the pool
+        return self.executor.submit(invocation, inline=inline)
 
     def _complete(self, request: InvocationRequest, admitted: float, deadline: float,
                   result: Result | None) -> Outcome:

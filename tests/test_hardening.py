@@ -28,7 +28,14 @@ from fnserve.credentials import without_server_key
 from fnserve.executor import Executor
 from fnserve.registry import load_registry
 
-from .helpers import invocation, wait_until, write_function
+from .helpers import (
+    invocation,
+    process_gone,
+    read_pid,
+    wait_until,
+    write_function,
+    write_toml,
+)
 from .live import LiveServer, invocation_records, running, the_worker
 
 KEY = "server-key-123"
@@ -203,16 +210,27 @@ def _read_all(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+_SLOW = """
+    import json, sys, time
+
+    def handler(event, context):
+        time.sleep(1.5)
+        return event
+
+    if __name__ == "__main__":
+        event = json.load(sys.stdin)
+        print(json.dumps(handler(event, None)))
+"""
+
+
+@pytest.mark.parametrize("mode", ["process", "fork", "warm"])
 @pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/1.0"])
-def test_a_half_closed_client_gets_its_answer(tmp_path: Path, protocol: str) -> None:
+def test_a_half_closed_client_gets_its_answer(tmp_path: Path, protocol: str,
+                                              mode: str) -> None:
     directory = tmp_path / "functions"
     # runs across several of the server's looks at the connection (every 0.25 s)
-    write_function(directory, "slow.py", """
-        import sys, time
-        event = sys.stdin.read()
-        time.sleep(1.5)
-        print(event)
-    """)
+    write_function(directory, "slow.py", _SLOW)
+    write_toml(directory, f'[functions.slow]\nmode = "{mode}"\n')
     with running(LiveServer(directory)) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
             sock.sendall(f"POST /function/slow {protocol}\r\nHost: x\r\nConnection: close\r\n"
@@ -226,10 +244,38 @@ def test_a_half_closed_client_gets_its_answer(tmp_path: Path, protocol: str) -> 
         else:
             assert answer.startswith(b"HTTP/1.0 200 OK\r\n"), answer
             assert b" 100 " not in answer
-        assert body == b'{"a": true}\n'
+        assert json.loads(body) == {"a": True}
         assert server.stats()["functions"]["slow"]["success_requests"] == 1
     lines = [(r["status"], r["outcome"]) for r in invocation_records(server.log_records())]
     assert lines == [(200, "ok")]
+
+
+@pytest.mark.parametrize("mode", ["process", "fork", "warm"])
+def test_a_client_that_closes_still_cancels_its_run(tmp_path: Path, mode: str) -> None:
+    directory = tmp_path / "functions"
+    write_function(directory, "hangs.py", f"""
+        import json, os, sys, time
+
+        def handler(event, context):
+            with open({str(tmp_path / "hangs.pid")!r}, "w") as f:
+                f.write(f"{{os.getpid()}}\\n")
+            time.sleep(60)
+            return {{}}
+
+        if __name__ == "__main__":
+            print(json.dumps(handler(json.load(sys.stdin), None)))
+    """)
+    write_toml(directory, f'[functions.hangs]\nmode = "{mode}"\n')
+    with running(LiveServer(directory)) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(b"POST /function/hangs HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 2\r\n\r\n{}")
+            pid = read_pid(tmp_path / "hangs.pid", timeout=30)
+        # closed (not half-closed): the interim 100 it is sent gets a reset back
+        assert wait_until(lambda: process_gone(pid), 10), "the run outlived its client"
+        assert wait_until(lambda: server.stats()["active_requests"] == 0, 10)
+    lines = [(r["status"], r["outcome"]) for r in invocation_records(server.log_records())]
+    assert lines == [(499, "cancelled")]
 
 
 # -- 8: admission before a large upload is read ------------------------------------------

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..registry import FunctionSpec
+
+if TYPE_CHECKING:
+    from ..executor import Job, Result
 
 
 class BuildError(Exception):
@@ -33,8 +36,24 @@ class Command:
     cwd: Path
 
 
+class Runner(Protocol):
+    """A runtime that owns process start itself (Python's fork and warm modes, SPEC §8).
+
+    One Job in, one Result out, like the executor: the deadline, a cancel and the output
+    cap in the Job hold exactly as in process mode.
+    """
+
+    def run(self, job: Job) -> Result:
+        ...
+
+
 class Runtime(Protocol):
     name: str
+
+    def runner(self, spec: FunctionSpec) -> Runner | None:
+        """The runner of `spec` when this runtime starts its processes itself; None: the
+        executor runs `command(spec)`, one fresh process per invocation."""
+        ...
 
     def command(self, spec: FunctionSpec) -> Command:
         """The command that runs `spec`; may build first. Raises BuildError."""

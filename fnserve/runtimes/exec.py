@@ -12,6 +12,9 @@ class ExecRuntime:
     def command(self, spec: FunctionSpec) -> Command:
         return Command((str(spec.entry),), spec.cwd)
 
+    def runner(self, spec: FunctionSpec) -> None:
+        return None
+
     def problem(self, spec: FunctionSpec) -> str | None:
         return None
 

@@ -105,6 +105,9 @@ class GoRuntime:
 
     # -- the Runtime interface --------------------------------------------------
 
+    def runner(self, spec: FunctionSpec) -> None:
+        return None
+
     def problem(self, spec: FunctionSpec) -> str | None:
         if self.go is None:
             return NO_TOOLCHAIN

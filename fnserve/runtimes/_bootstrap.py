@@ -1,0 +1,372 @@
+"""Runs INSIDE the function's interpreter, for the fork and warm modes (SPEC §8).
+
+Started by the server as `<python> _bootstrap.py MODE ENTRY HANDLER MEMORY PARENT FD` (by
+path, so it works under any interpreter the function names with `python = ...`, which
+need not have fnserve installed). It imports nothing of fnserve: the frame layout
+below is repeated in fnserve/runtimes/channel.py, which is the worker's side.
+
+It imports the function's module once (not as __main__) and then:
+- warm: loops on the channel FD: one request frame in, the handler called, one
+  response frame out, until the channel closes;
+- fork: is a single-threaded fork server on the control socket FD. Each "F"
+  message brings three descriptors (SCM_RIGHTS): the invocation's channel and the
+  pipes for its stdout and stderr, so the payload never passes through here. A
+  child is forked, becomes its own session (the worker kills its group), calls
+  the handler on that channel and exits. Its pid goes back to the worker, which
+  watches it with a pidfd; the child is reaped only when the worker says "W"
+  (after its group kill), so its pid and group id cannot be reused under a kill.
+
+The handler's prints go to fd 1 and 2 (pipes the worker logs line by line), never
+into the response frame.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from typing import Any
+
+REQUEST = struct.Struct(">IIIQ")  # context, client context, event lengths; max output
+RESPONSE = struct.Struct(">BIQ")  # kind, payload length, max RSS (KiB)
+READY, OK, ERROR, TOO_LARGE, INIT_FAILED = range(5)
+FORK_REPLY = struct.Struct(">i")  # the child's pid (ours), or -errno; + its pidfd (SCM_RIGHTS)
+REAP = struct.Struct(">i")
+REAP_REPLY = struct.Struct(">iQ")  # wait status, max RSS (KiB)
+PR_SET_PDEATHSIG = 1
+REAP_INTERVAL_MS = 20  # how often a fork server looks for killed children to reap
+
+
+class LambdaContext(dict):  # type: ignore[type-arg]
+    """The keys of FN_CONTEXT (SPEC §2) plus the attributes of an AWS Lambda context."""
+
+    log_stream_name = ""  # one per process, as Lambda's is per execution environment
+
+    def __init__(self, data: dict[str, Any], memory_mb: int, client_context: Any = None) -> None:
+        super().__init__(data)
+        name = data.get("function", "")
+        self.request_id = self.aws_request_id = data.get("request_id", "")
+        self.function_name = name
+        self.function_version = "$LATEST"
+        self.invoked_function_arn = f"arn:aws:lambda:local:000000000000:function:{name}"
+        self.memory_limit_in_mb = memory_mb
+        self.log_group_name = f"/aws/lambda/{name}"
+        self.identity = None
+        self.client_context = client_context
+        self._deadline_ms = int(data.get("deadline_ms") or 0)
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, self._deadline_ms - int(time.time() * 1000))
+
+
+class Function:
+    def __init__(self, entry: str, handler_name: str, memory_mb: int) -> None:
+        self.entry = entry
+        self.handler_name = handler_name
+        self.memory_mb = memory_mb
+        self.base_env = dict(os.environ)  # what the server started us with (SPEC §2 base)
+        self.handler: Any = None
+        self.environ = dict(self.base_env)  # what os.environ holds now
+        self._snapshot: Any = dict(getattr(os.environ, "_data", {}))
+        LambdaContext.log_stream_name = f"{time.strftime('%Y/%m/%d')}/[$LATEST]{os.getpid():x}"
+
+    def load(self) -> bytes | None:
+        """Import the module; None, or the INIT_FAILED payload."""
+        # as `python ENTRY` would: the function's own directory first on sys.path
+        sys.path[0] = os.path.dirname(self.entry)
+        module_name = os.path.splitext(os.path.basename(self.entry))[0]
+        try:
+            spec = importlib.util.spec_from_file_location(module_name, self.entry)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load {self.entry}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module
+            # compiled from its source, never from __pycache__: as `python FILE` runs its
+            # __main__, and a save within the same second as the last one, of the same
+            # size, would otherwise run the old bytecode (the .pyc check is mtime + size)
+            with open(self.entry, "rb") as source:
+                code = compile(source.read(), self.entry, "exec")
+            exec(code, module.__dict__)
+        except BaseException as exc:  # a module that raises SystemExit fails to init too
+            traceback.print_exc()
+            return _error_payload(exc, ())
+        names = [self.handler_name] if self.handler_name else ["handler", "lambda_handler"]
+        for name in names:
+            candidate = getattr(module, name, None)
+            if callable(candidate):
+                self.handler = candidate
+                return None
+        wanted = " or ".join(names)
+        message = f"{os.path.basename(self.entry)} has no callable named {wanted}"
+        print(message, file=sys.stderr)
+        return json.dumps({"error_type": "HandlerNotFound", "error_message": message,
+                           "stack_trace": []}).encode()
+
+    def invoke(self, frame: bytes, max_output: int, context_length: int,
+               client_length: int) -> tuple[int, bytes]:
+        context_text = frame[:context_length].decode()
+        client_json = frame[context_length:context_length + client_length]
+        raw_event = frame[context_length + client_length:]
+        data = json.loads(context_text)
+        environ = dict(self.base_env)
+        environ.update(data.get("env") or {})
+        environ["FN_CONTEXT"] = context_text
+        environ["FN_FUNCTION"] = data.get("function", "")
+        environ["FN_REQUEST_ID"] = data.get("request_id", "")
+        self._set_environ(environ)
+        try:
+            event: Any = json.loads(raw_event) if raw_event else {}
+        except ValueError:  # a text body: its text, as Lambda's runtime would not parse it
+            event = raw_event.decode("utf-8", "replace")
+        client_context = json.loads(client_json) if client_json else None
+        context = LambdaContext(data, self.memory_mb, client_context)
+        try:
+            value = self.handler(event, context)
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                body = bytes(value)
+            else:
+                body = json.dumps(value).encode()
+        except BaseException as exc:  # the process survives whatever the handler does
+            traceback.print_exc()
+            tb = exc.__traceback__
+            frames = traceback.format_tb(tb.tb_next) if tb is not None else []
+            return ERROR, _error_payload(exc, frames)
+        finally:
+            _flush_std()
+        if len(body) > max_output:
+            return TOO_LARGE, b""
+        return OK, body
+
+
+    def _set_environ(self, environ: dict[str, str]) -> None:
+        """os.environ = environ, touching only what changed (clear() + update() of every
+        variable was a quarter of a warm invocation's own time)."""
+        current = self.environ
+        data = getattr(os.environ, "_data", None)  # CPython's encoded mapping: compared in C
+        if data is None or data != self._snapshot:  # the handler changed it: start over
+            os.environ.clear()
+            current = {}
+        for key in [key for key in current if key not in environ]:
+            del os.environ[key]
+        for key, value in environ.items():
+            if current.get(key) != value:
+                os.environ[key] = value
+        self.environ = environ
+        self._snapshot = dict(data) if data is not None else None
+
+
+def _error_payload(exc: BaseException, frames: Any) -> bytes:
+    return json.dumps({"error_type": type(exc).__name__, "error_message": str(exc),
+                       "stack_trace": list(frames)}).encode()
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # the worker closed its end: the output has nowhere to go
+
+
+def _max_rss_kb() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        count = sock.recv_into(view[got:])
+        if count == 0:
+            return None
+        got += count
+    return bytes(buffer)
+
+
+def _send_response(sock: socket.socket, kind: int, payload: bytes) -> None:
+    sock.sendall(RESPONSE.pack(kind, len(payload), _max_rss_kb()) + payload)
+
+
+def serve_one(function: Function, channel: socket.socket) -> bool:
+    """One request frame in, one response frame out; False when the channel closed."""
+    header = _recv_exact(channel, REQUEST.size)
+    if header is None:
+        return False
+    context_length, client_length, event_length, max_output = REQUEST.unpack(header)
+    frame = _recv_exact(channel, context_length + client_length + event_length)
+    if frame is None:
+        return False
+    kind, payload = function.invoke(frame, max_output, context_length, client_length)
+    _send_response(channel, kind, payload)
+    return True
+
+
+_prctl: Any = None
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """SIGKILL when the process that started us dies, so nothing outlives the server.
+
+    `parent`, when known, closes the window before the prctl. A bootstrap's own
+    parent may be a wrapper in another PID namespace (bwrap): no check there; its
+    channel closing (EOF) ends it too."""
+    global _prctl
+    try:
+        if _prctl is None:  # loaded once in the fork server, before its children inherit it
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:  # it died before the prctl
+        os._exit(1)
+
+
+def run_warm(function: Function, channel: socket.socket) -> None:
+    while serve_one(function, channel):
+        pass
+
+
+class ForkServer:
+    """Single-threaded: forks one child per "F" message, reaps one per "W" message."""
+
+    def __init__(self, function: Function, control: socket.socket) -> None:
+        self.function = function
+        self.control = control
+        self.children: set[int] = set()
+        self.reapable: set[int] = set()  # group killed by the worker: reap once exited
+
+    def run(self) -> None:
+        # quiet from here: the children get their own fd 1 and 2; our own pipes are done
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        gc.freeze()  # what the import made is never collected in a child: fewer copied pages
+        poller = select.poll()
+        poller.register(self.control.fileno(), select.POLLIN)
+        while True:
+            if self.reapable:
+                self.reap_exited()
+                if self.reapable and not poller.poll(REAP_INTERVAL_MS):
+                    continue
+            try:
+                message, fds, _flags, _addr = socket.recv_fds(self.control, 64, 3)
+            except OSError:
+                message, fds = b"", []
+            if not message:  # the worker is gone or stopping: nothing of ours outlives it
+                self.stop()
+                return
+            if message[:1] == b"F" and len(fds) == 3:
+                pid = self.fork(fds)
+                self.send_fork_reply(pid)
+                continue
+            for fd in fds:
+                os.close(fd)
+            if message[:1] == b"W":
+                (pid,) = REAP.unpack(message[1:1 + REAP.size])
+                self.control.send(self.reap(pid))
+            elif message[:1] == b"w":
+                (pid,) = REAP.unpack(message[1:1 + REAP.size])
+                if pid in self.children:
+                    self.reapable.add(pid)
+
+    def fork(self, fds: list[int]) -> int:
+        channel_fd, out_fd, err_fd = fds
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            pid = -(exc.errno or 1)
+        if pid == 0:  # the child: one invocation, then exit without any cleanup
+            code = 0
+            try:
+                os.setsid()
+                self.control.close()
+                _die_with_parent(os.getppid())
+                os.dup2(out_fd, 1)
+                os.dup2(err_fd, 2)
+                with socket.socket(fileno=channel_fd) as channel:
+                    serve_one(self.function, channel)
+            except BaseException:  # nothing may escape into a copy of the server's loop
+                code = 70
+            finally:
+                _flush_std()
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        if pid > 0:
+            self.children.add(pid)
+        return pid
+
+    def send_fork_reply(self, pid: int) -> None:
+        """The pid as we see it, and a pidfd of the child: in a sandbox's PID namespace
+        the worker cannot use our pid numbers, but it can use the pidfd (and read its
+        own number for the child from it)."""
+        pidfd = -1
+        if pid > 0:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                pidfd = -1
+        try:
+            socket.send_fds(self.control, [FORK_REPLY.pack(pid)], [pidfd] if pidfd >= 0 else [])
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def reap_exited(self) -> None:
+        for pid in list(self.reapable):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                self.reapable.discard(pid)
+                self.children.discard(pid)
+
+    def reap(self, pid: int) -> bytes:
+        # only ever asked once the worker saw the child exit: this does not block
+        if pid not in self.children:
+            return REAP_REPLY.pack(-1, 0)
+        _, status, usage = os.wait4(pid, 0)
+        self.children.discard(pid)
+        self.reapable.discard(pid)
+        return REAP_REPLY.pack(status, int(usage.ru_maxrss))
+
+    def stop(self) -> None:
+        for pid in self.children:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in self.children:
+            os.waitpid(pid, 0)
+
+
+def main(argv: list[str]) -> int:
+    mode, entry, handler_name, memory_mb, parent, channel_fd = argv[1:7]
+    del parent  # kept in the argv for `ps`: which worker started this process
+    _die_with_parent(None)
+    function = Function(entry, "" if handler_name == "-" else handler_name, int(memory_mb))
+    channel = socket.socket(fileno=int(channel_fd))
+    failure = function.load()
+    _flush_std()
+    if failure is not None:
+        _send_response(channel, INIT_FAILED, failure)
+        return 1
+    _send_response(channel, READY, b"")
+    if mode == "fork":
+        ForkServer(function, channel).run()
+    else:
+        run_warm(function, channel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
