@@ -68,6 +68,9 @@ def create_app(config: Config, registry: Registry | None = None) -> Flask:
     # redirect to another name (set before the routes: each rule copies it when added)
     app.url_map.merge_slashes = False
     _add_routes(app, state)
+    from .api.jobs import blueprint as jobs_blueprint  # it uses this module's request checks
+
+    app.register_blueprint(jobs_blueprint)
     return app
 
 

@@ -71,6 +71,43 @@ def _serve(config: Config) -> None:
         raise CliError(str(exc)) from None
 
 
+WORKER_OPTIONS = ("queue", "timeout", "max-output", "pass-env", "graceful-timeout", "log-format")
+
+
+def _worker_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed([o for o in OPTIONS if o.name in WORKER_OPTIONS]):
+        command = click.option(f"--{option.name}", option.field, default=None,
+                               multiple=option.multiple, metavar=option.metavar,
+                               help=option.help)(command)
+    return click.argument("directory", required=False, metavar="DIR")(command)
+
+
+@main.command()
+@_worker_options
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+              help="Serve /metrics, /stats and /healthz on this port (default: none).")
+@click.option("--metrics-host", default="127.0.0.1", metavar="HOST",
+              help="Address of the --metrics-port server.")
+def worker(directory: str | None, metrics_port: int | None, metrics_host: str,
+           **flags: Any) -> None:
+    """Run the async jobs queued in Redis (--queue) for the functions in DIR."""
+    config = _config(directory, flags, dev=False)
+    if not config.queue:
+        raise CliError("fnserve worker needs --queue redis://HOST:PORT/DB "
+                       "(or FNSERVE_QUEUE)")
+    try:
+        from .worker import run_worker
+    except ImportError as exc:
+        raise CliError(f"fnserve worker needs the redis extra (pip install "
+                       f"'fnserve[redis]'): {exc}") from None
+    try:
+        run_worker(config, metrics_host=metrics_host, metrics_port=metrics_port)
+    except FnServeError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:  # the metrics port is taken
+        raise CliError(f"fnserve worker: {exc}") from None
+
+
 def _pairs(values: tuple[str, ...], flag: str) -> dict[str, str]:
     pairs = {}
     for value in values:

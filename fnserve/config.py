@@ -98,6 +98,12 @@ def _log_format(value: Any) -> str:
     return str(value)
 
 
+def _queue_url(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith(("redis://", "rediss://")):
+        raise ValueError(f"not a Redis URL: {value!r} (use redis://HOST:PORT/DB)")
+    return value
+
+
 def _header_name(value: Any) -> str:
     if not isinstance(value, str) or not _HEADER_NAME.match(value):
         raise ValueError(f"not a header name: {value!r}")
@@ -151,6 +157,13 @@ OPTIONS: tuple[Option, ...] = (
            metavar="DURATION"),
     Option("log-format", _log_format, "json", "Log format.", dev_default="text",
            metavar="json|text"),
+    Option("queue", _queue_url, None,
+           "Queue async invocations in Redis (run by `fnserve worker`); default: in memory.",
+           metavar="redis://HOST:PORT/DB"),
+    Option("queue-size", _positive_int, 1000, "In-memory queue: most jobs waiting to start.",
+           metavar="N"),
+    Option("result-ttl", parse_duration, 86400.0, "How long a finished job's result is kept.",
+           metavar="DURATION"),
 )
 OPTIONS_BY_FIELD = {option.field: option for option in OPTIONS}
 
@@ -170,6 +183,9 @@ class Config:
     pass_env: tuple[str, ...] = ()
     graceful_timeout: float = 35.0
     log_format: str = "json"
+    queue: str | None = None
+    queue_size: int = 1000
+    result_ttl: float = 86400.0
     dev: bool = False
     # read from the server's environment once, here, and passed down
     base_env: Mapping[str, str] = dataclasses.field(default_factory=dict)

@@ -65,6 +65,8 @@ class Drain:
             self.service.draining = True
         else:
             self.stop_accepting()
+        if self.service.started_queue is not None:  # start no more queued jobs; the
+            self.service.started_queue.drain()  # running ones hold slots: waited for
         threading.Thread(target=self._run, name="fnserve-drain", daemon=True).start()
 
     def _run(self) -> None:

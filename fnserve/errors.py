@@ -46,6 +46,12 @@ class InvalidJSON(FnServeError):
     message = "request body is not valid JSON"
 
 
+class InvalidCallbackUrl(FnServeError):
+    status = 400
+    code = "invalid_callback_url"
+    message = "X-Callback-Url is not an http or https URL"
+
+
 class Unauthorized(FnServeError):
     status = 401
     code = "unauthorized"
@@ -137,6 +143,26 @@ class Unavailable(FnServeError):
     code = "unavailable"
     message = "server is shutting down"
     outcome = "unavailable"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class JobExists(FnServeError):
+    """An async invocation reused the request id of a job that is still known."""
+
+    status = 409
+    code = "conflict"
+    message = "a job with this request id exists"
+
+
+class QueueUnavailable(FnServeError):
+    """The job queue (Redis) cannot be reached: the job was not queued."""
+
+    status = 503
+    code = "queue_unavailable"
+    message = "the job queue is unavailable"
 
     @property
     def headers(self) -> dict[str, str]:

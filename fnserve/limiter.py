@@ -27,6 +27,15 @@ class Limiter:
         with self._changed:
             self._taken += 1
 
+    def acquire_waiting(self, timeout: float) -> bool:
+        """Take one slot, waiting up to `timeout` seconds for one (the async queue waits,
+        where a request is refused); True when taken, and the caller must release() it."""
+        if not self._slots.acquire(timeout=timeout):
+            return False
+        with self._changed:
+            self._taken += 1
+        return True
+
     def release(self) -> None:
         with self._changed:
             self._taken -= 1

@@ -22,7 +22,8 @@ log = logging.getLogger("fnserve.registry")
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-SETTING_KEYS = ("timeout", "memory", "env", "python", "mode", "handler", "pool", "max_requests")
+SETTING_KEYS = ("timeout", "memory", "env", "python", "mode", "handler", "pool", "max_requests",
+                "retries")
 MODES = ("process", "fork", "warm")
 PYTHON_ONLY_KEYS = ("mode", "handler", "pool", "max_requests")  # SPEC §8
 DEFAULT_POOL = 4
@@ -41,6 +42,7 @@ class Settings:
     handler: str | None = None  # fork/warm: the callable; unset: handler, else lambda_handler
     pool: int = DEFAULT_POOL  # warm: processes per function
     max_requests: int = 0  # warm: replace a process after this many invocations; 0 = never
+    retries: int = 0  # async runs on a Redis queue: attempts after a failed one (SPEC §11)
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,7 @@ def parse_settings(table: Any, where: str, base: Settings | None = None) -> Sett
     values: dict[str, Any] = {"timeout": base.timeout, "memory": base.memory,
                               "env": dict(base.env), "python": base.python, "mode": base.mode,
                               "handler": base.handler, "pool": base.pool,
-                              "max_requests": base.max_requests}
+                              "max_requests": base.max_requests, "retries": base.retries}
     for key, value in table.items():
         if key not in SETTING_KEYS:
             raise ConfigError(f"{where}.{key}: unknown key (expected one of "
@@ -163,6 +165,11 @@ def parse_settings(table: Any, where: str, base: Settings | None = None) -> Sett
                 values["python"] = value
             elif key in PYTHON_ONLY_KEYS:
                 values[key] = _parse_mode_setting(key, value)
+            elif key == "retries":
+                if isinstance(value, bool) or not isinstance(value, int) or \
+                        not 0 <= value <= 100:
+                    raise ValueError(f"must be a whole number from 0 to 100, not {value!r}")
+                values["retries"] = value
             else:
                 values["env"].update(_parse_env(value))
         except ValueError as exc:

@@ -185,6 +185,8 @@ def worker_exit(server: Any, worker: Any) -> None:
     if isinstance(app, Flask) and "fnserve" in app.extensions:
         state = get_state(app)
         state.draining = True  # a run killed now is the shutdown's doing: 503, not 499
+        if state.started_queue is not None:  # running jobs get the rest of the grace
+            state.started_queue.close()
         state.executor.shutdown()
 
 

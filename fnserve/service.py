@@ -13,6 +13,7 @@ the same Outcome.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .executor import Executor, Invocation, Result, Run
 from .limiter import Limiter
 from .logs import function_log, invocation_log
 from .outcome import Outcome, from_error, from_result
+from .queue import JobQueue, make_queue
 from .registry import FunctionSpec, Registry, load_registry
 from .runtimes import Runtime, make_runtimes
 from .stats import Stats, StatsCollector
@@ -129,17 +131,22 @@ class Service:
         self.metrics.register(StatsCollector(self.stats))
         self.draining = False
         self.listeners: list[Listener] = []
+        self._queue: JobQueue | None = None
+        self._queue_lock = threading.Lock()
 
     # -- the two ways in ------------------------------------------------------------
 
     def invoke(self, request: InvocationRequest, watch: Watch | None = None,
-               slot: Slot | None = None) -> Outcome:
+               slot: Slot | None = None, *, holding_slot: bool = False) -> Outcome:
         """Run it now and answer: never raises for the function's or the limiter's sake.
 
-        With a `slot` from reserve(), admission was decided already and is not redone."""
+        With a `slot` from reserve(), admission was decided already and is not redone.
+        holding_slot: the caller (the queue) already holds a limiter slot for it, taken
+        with limiter.acquire_waiting(); it is released here like any other.
+        """
         if slot is not None:
             slot.hand_over()
-        else:
+        elif not holding_slot:
             try:
                 self._admit(request)
             except FnServeError as refusal:
@@ -169,37 +176,29 @@ class Service:
             return self._report(request, from_error(refusal, request.request_id), 0.0)
         return Slot(self.limiter)
 
-    def enqueue(self, request: InvocationRequest) -> None:
-        """Admit it now (TooManyRequests, Unavailable), run it in the background.
+    def enqueue(self, request: InvocationRequest, callback_url: str | None = None) -> None:
+        """Queue it (SPEC §11); it runs later through invoke() with source "async".
 
-        The slot is held until the run ends, so background runs count against
-        --concurrency like any other. Whatever happens next is counted, logged and
-        recorded like a synchronous invocation.
+        Raises TooManyRequests (the in-memory queue is full), Unavailable (draining),
+        JobExists (that request id is taken), QueueUnavailable (Redis is down).
         """
-        self._admit(request)
-        admitted, deadline = self._admitted(request)
-        try:
-            run = self._submit(request, admitted, deadline)
-        except Exception:
-            log.exception("internal error invoking %s", request.spec.name)
-            try:
-                self._complete(request, admitted, deadline, None)
-            finally:
-                self.limiter.release()
-            return
+        if self.draining:
+            raise Unavailable("server is shutting down; retry on another instance")
+        self.queue.enqueue(request, callback_url)
 
-        def done(_future: object) -> None:
-            result: Result | None = None
-            try:
-                result = run.future.result()
-            except Exception:
-                log.exception("internal error invoking %s", request.spec.name)
-            try:
-                self._complete(request, admitted, deadline, result)
-            finally:
-                self.limiter.release()
+    @property
+    def queue(self) -> JobQueue:
+        """The async queue (fnserve/queue/): made on first use, so a server that never
+        queues starts no queue thread and opens no Redis connection."""
+        with self._queue_lock:  # two first requests at once must not make two queues
+            if self._queue is None:
+                self._queue = make_queue(self)
+            return self._queue
 
-        run.future.add_done_callback(done)
+    @property
+    def started_queue(self) -> JobQueue | None:
+        """The queue if anything made it, for the shutdown (never makes one)."""
+        return self._queue
 
     # -- the steps --------------------------------------------------------------------
 

@@ -39,7 +39,8 @@ from tests.live import LiveServer, running
 API_KEY = "k-openapi-0123456789"
 MAX_EXAMPLES = 15  # per operation and phase: ~10 operations x 2 servers stay well under 30 s
 FUNCTIONS = ("hello", "echo", "fail", "crash", "slow", "big", "binary")
-PROTECTED = ("/function/{name}", "/functions", "/stats", "/metrics")
+PROTECTED = ("/function/{name}", "/functions", "/stats", "/metrics", "/async-function/{name}",
+             "/jobs/{request_id}")
 
 # Not negative_data_rejection: FnServe accepts any query string, header value and
 # body (that is the contract), so schemathesis' "invalid" values there are valid.
@@ -123,7 +124,7 @@ schema = schemathesis.openapi.from_path(Path(fnserve.__file__).parent / "openapi
 
 
 def _exercise(case: Any, live: LiveServer) -> None:
-    invoking = case.operation.path == "/function/{name}"
+    invoking = case.operation.path in ("/function/{name}", "/async-function/{name}")
     bad_name = invoking and case.meta is not None and case.meta.is_negative_at(
         ParameterLocation.PATH)
     if invoking and not bad_name:
@@ -174,7 +175,8 @@ def test_document_is_the_shipped_yaml(live: LiveServer) -> None:
     invoke = served["paths"]["/function/{name}"]
     assert {"get", "post", "put", "patch", "delete"} <= set(invoke)
     assert set(served["paths"]) == {"/function/{name}", "/functions", "/stats", "/metrics",
-                                    "/healthz", "/openapi.json"}
+                                    "/healthz", "/openapi.json", "/async-function/{name}",
+                                    "/jobs/{request_id}"}
     # every status of the SPEC's error table is declared for every method
     for method in ("get", "post", "put", "patch", "delete"):
         assert {"200", "400", "401", "404", "413", "429", "500", "502", "504"} <= \
