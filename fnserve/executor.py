@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import logging
 import os
 import select
 import shutil
@@ -33,8 +32,6 @@ from typing import Any
 from .context import Context, function_environment
 from .registry import FunctionSpec
 from .runtimes import BuildError, Runner, Runtime
-
-log = logging.getLogger("fnserve.executor")
 
 STDERR_TAIL = 64 * 1024
 MAX_STDERR_LINE = 16 * 1024
@@ -290,9 +287,6 @@ class Executor:
             )
         except OSError as exc:
             if exc.errno in SERVER_EXHAUSTED:  # FnServe's fault, not the function's
-                log.error("cannot start %s: %s (the server is out of resources)",
-                          spec.name, exc.strerror, extra={"function": spec.name,
-                                                          "request_id": context.request_id})
                 return Result("unavailable", context,
                               error=f"cannot start {spec.name}: {exc.strerror}")
             code = 127 if exc.errno == errno.ENOENT else 126

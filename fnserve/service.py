@@ -236,6 +236,10 @@ class Service:
         if result is None:  # a fault of FnServe itself, logged with its traceback
             outcome = from_error(FnServeError(), request.request_id)
         else:
+            if result.outcome == "unavailable":  # the server is out of fds, memory
+                log.error("%s (the server is out of resources)", result.error,
+                          extra={"function": request.spec.name,
+                                 "request_id": request.request_id})
             outcome = from_result(result, request.spec, deadline=deadline,
                                   max_output=self.config.max_output, dev=self.config.dev,
                                   draining=self.draining)

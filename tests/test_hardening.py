@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from fnserve.executor import Executor
 from fnserve.registry import load_registry
 
 from .helpers import (
+    PYTHON,
     invocation,
     process_gone,
     read_pid,
@@ -406,3 +408,15 @@ def test_a_slot_taken_for_an_upload_that_is_then_refused_is_given_back(
         stats = server.stats()
         assert (stats["active_requests"], stats["total_requests"],
                 stats["success_requests"]) == (0, 1, 1)
+
+
+def test_fnserve_run_out_of_fds_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    write_function(tmp_path, "ok.py", 'print("{}")\n')
+    # 8 descriptors: enough for the interpreter, not for the function's three pipes
+    result = subprocess.run(
+        ["prlimit", "--nofile=8:8", "--", PYTHON, "-m", "fnserve", "run",
+         str(tmp_path / "ok.py")], capture_output=True, timeout=60, cwd=tmp_path,
+        stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result
+    assert result.stderr.decode() == "fnserve: cannot start ok: Too many open files\n"
+    assert result.stdout == b""
