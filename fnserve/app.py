@@ -251,7 +251,8 @@ def _add_routes(app: Flask, state: Service) -> None:
     @app.route("/functions", methods=["GET"])
     def functions() -> Any:
         _check_auth(config)
-        return {"functions": describe_registry(state.registry, state.runtimes, config.timeout)}
+        return {"functions": describe_registry(state.registry, state.runtimes, config.timeout,
+                                               bwrap=state.executor.bwrap)}
 
     @app.route("/stats", methods=["GET"])
     def stats() -> Any:

@@ -149,6 +149,8 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
                               stderr_sink=echo_stderr, stdout_sink=echo_stderr)
     except KeyboardInterrupt:
         sys.exit(EXIT_SIGNAL_BASE + 2)
+    except FnServeError as exc:  # a sandboxed function and no bwrap
+        raise CliError(str(exc)) from None
     except OSError as exc:  # FnServe's own trouble (an unwritable cache): say it in a line
         click.echo(f"fnserve: {exc}", err=True)
         sys.exit(EXIT_FAILED)
@@ -185,12 +187,12 @@ def list_functions(directory: str) -> None:
     if not rows:
         click.echo(f"no functions in {directory}")
         return
-    table = [("NAME", "RUNTIME", "MODE", "TIMEOUT", "MEMORY", "STATUS")] + [
+    table = [("NAME", "RUNTIME", "MODE", "TIMEOUT", "MEMORY", "ISOLATION", "STATUS")] + [
         (r["name"], r["runtime"], r["mode"] or "-", r["timeout"] or "-", r["memory"] or "-",
-         r["status"] if r["status"] == "ok" else f"error: {r['error']}")
+         r["isolation"], r["status"] if r["status"] == "ok" else f"error: {r['error']}")
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    widths = [max(len(row[i]) for row in table) for i in range(6)]
     for row in table:
-        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
-        click.echo("  ".join([*cells, row[5].splitlines()[0] if row[5] else ""]))
+        cells = [cell.ljust(width) for cell, width in zip(row[:6], widths, strict=True)]
+        click.echo("  ".join([*cells, row[6].splitlines()[0] if row[6] else ""]))

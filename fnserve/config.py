@@ -98,6 +98,15 @@ def _log_format(value: Any) -> str:
     return str(value)
 
 
+ISOLATIONS = ("none", "sandbox")
+
+
+def parse_isolation(value: Any) -> str:
+    if value not in ISOLATIONS:
+        raise ValueError(f"must be one of {', '.join(ISOLATIONS)}, not {value!r}")
+    return str(value)
+
+
 def _queue_url(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith(("redis://", "rediss://")):
         raise ValueError(f"not a Redis URL: {value!r} (use redis://HOST:PORT/DB)")
@@ -157,6 +166,9 @@ OPTIONS: tuple[Option, ...] = (
            metavar="DURATION"),
     Option("log-format", _log_format, "json", "Log format.", dev_default="text",
            metavar="json|text"),
+    Option("isolation", parse_isolation, "none",
+           "Isolation of functions that do not set theirs (sandbox: bubblewrap).",
+           metavar="none|sandbox"),
     Option("queue", _queue_url, None,
            "Queue async invocations in Redis (run by `fnserve worker`); default: in memory.",
            metavar="redis://HOST:PORT/DB"),
@@ -183,6 +195,7 @@ class Config:
     pass_env: tuple[str, ...] = ()
     graceful_timeout: float = 35.0
     log_format: str = "json"
+    isolation: str = "none"  # the default of functions that do not set theirs (SPEC §12)
     queue: str | None = None
     queue_size: int = 1000
     result_ttl: float = 86400.0
@@ -280,7 +293,7 @@ def load_config(
     # fail later in the app; imported here because registry imports this module
     from .registry import load_settings
 
-    load_settings(directory, document)
+    load_settings(directory, document, "none")
 
     values: dict[str, Any] = {}
     for option in OPTIONS:

@@ -27,11 +27,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .context import Context, function_environment
 from .registry import FunctionSpec
 from .runtimes import BuildError, Runner, Runtime
+from .sandbox import exit_status, sandbox_argv
 
 STDERR_TAIL = 64 * 1024
 MAX_STDERR_LINE = 16 * 1024
@@ -96,7 +98,8 @@ class Job:
     run: Run  # attach a wake fd to hear a cancel from another thread
     stderr: LineLog
     stdout: LineLog
-    process_argv: Callable[[Sequence[str]], list[str]]  # the one argv builder (memory limit)
+    # the one argv builder (memory limit, sandbox): (argv, readable=()) -> argv
+    process_argv: Callable[..., list[str]]
 
 
 class Run:
@@ -158,8 +161,10 @@ class Executor:
         stderr_sink: StderrSink | None = None,
         stderr_log_limit: int | None = 1024 * 1024,
         stdout_sink: LineSink | None = None,
+        bwrap: str | None = None,
     ) -> None:
         self.runtimes = runtimes
+        self.bwrap = bwrap  # for isolation = "sandbox" (sandbox.find_bwrap on the server's PATH)
         self.stderr_sink = stderr_sink
         self.stdout_sink = stdout_sink
         self.stderr_log_limit = stderr_log_limit
@@ -260,6 +265,10 @@ class Executor:
         spec = invocation.spec
         if run.cancelled:
             return Result("cancelled", invocation.context)
+        if spec.settings.sandboxed and self.bwrap is None:  # checked at startup; a dev
+            return Result("failed", invocation.context, exit_code=127,  # reload may change it
+                          error=f'cannot start {spec.name}: isolation = "sandbox" and no '
+                                f"bwrap on PATH")
         runner = self.runtimes[spec.runtime].runner(spec)
         if runner is not None:
             return self._execute_with(runner, run)
@@ -300,6 +309,8 @@ class Executor:
             proc.wait()
             raise
         returncode = proc.wait()
+        if spec.settings.sandboxed:
+            returncode = exit_status(returncode)
         duration = time.monotonic() - started
         stderr.close()
         if outcome is None:
@@ -329,9 +340,18 @@ class Executor:
         tail = stderr.tail()
         return dataclasses.replace(result, stderr_tail=tail) if tail else result
 
-    def process_argv(self, argv: Sequence[str], spec: FunctionSpec) -> list[str]:
+    def process_argv(self, argv: Sequence[str], spec: FunctionSpec,
+                     readable: Sequence[str | Path] = ()) -> list[str]:
         """The argv that starts any process of `spec`: a process-mode run, a fork server or
-        a warm pool process. The one place a wrapper (memory limit, sandbox) is added."""
+        a warm pool process. The one place a wrapper (memory limit, sandbox) is added.
+
+        Every runtime starts its processes in `spec.cwd`; `readable`: files the process
+        needs besides its program and the function (the fork/warm bootstrap script)."""
+        if spec.settings.sandboxed:
+            if self.bwrap is None:  # never quietly without the walls asked for
+                raise OSError(errno.ENOENT, 'isolation = "sandbox" and no bwrap on PATH')
+            argv = sandbox_argv(self.bwrap, spec, argv, spec.cwd, readable)
+        # the memory limit goes outside: bwrap and the function inherit it
         return self._with_memory_limit(tuple(argv), spec.settings.memory)
 
     def _with_memory_limit(self, argv: tuple[str, ...], memory: int | None) -> list[str]:

@@ -14,6 +14,7 @@ from .executor import Executor, Invocation, Result, StderrSink
 from .outcome import parse_json
 from .registry import FunctionSpec, load_registry, spec_for_path
 from .runtimes import make_runtimes
+from .sandbox import check_sandboxes, find_bwrap
 
 RUN_TIMEOUT = 30.0
 
@@ -72,9 +73,11 @@ def run_function(
     context = make_context(spec.name, deadline,
                            parameters=parameters,
                            configured_env={**spec.settings.env, **(env or {})})
+    bwrap = find_bwrap(environ.get("PATH"))
+    check_sandboxes([spec], bwrap)
     executor = Executor(1, make_runtimes(cache_dir(environ), build_environment(environ)),
                         stderr_sink=stderr_sink, stderr_log_limit=None,
-                        stdout_sink=stdout_sink)
+                        stdout_sink=stdout_sink, bwrap=bwrap)
     invocation = Invocation(spec, context, event, time.monotonic() + deadline,
                             base_environment(environ))
     try:

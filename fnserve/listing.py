@@ -9,6 +9,7 @@ from typing import Any
 from .config import build_environment, cache_dir, format_duration
 from .registry import Registry, load_registry
 from .runtimes import Runtime, make_runtimes
+from .sandbox import find_bwrap, sandbox_problem
 
 
 def format_size(size: int) -> str:
@@ -19,12 +20,14 @@ def format_size(size: int) -> str:
 
 
 def describe_registry(registry: Registry, runtimes: Mapping[str, Runtime],
-                      server_timeout: float | None = None) -> list[dict[str, Any]]:
+                      server_timeout: float | None = None,
+                      bwrap: str | None = None) -> list[dict[str, Any]]:
     """`server_timeout` given (a server): the timeout that applies, min(own, --timeout).
-    Without it (`fnserve list`): the function's own setting, None when it has none."""
+    Without it (`fnserve list`): the function's own setting, None when it has none.
+    `bwrap`: its path; None (missing) lists every sandboxed function as an error."""
     rows = []
     for spec in registry:
-        problem = runtimes[spec.runtime].problem(spec)
+        problem = sandbox_problem(spec, bwrap) or runtimes[spec.runtime].problem(spec)
         settings = spec.settings
         timeout = settings.timeout if server_timeout is None else spec.deadline(server_timeout)
         rows.append({
@@ -33,6 +36,7 @@ def describe_registry(registry: Registry, runtimes: Mapping[str, Runtime],
             "mode": settings.mode if spec.runtime == "python" else None,
             "timeout": format_duration(timeout) if timeout else None,
             "memory": format_size(settings.memory) if settings.memory else None,
+            "isolation": settings.isolation,
             "status": "ok" if problem is None else "error",
             "error": problem,
         })
@@ -46,4 +50,4 @@ def describe(directory: str | Path, environ: Mapping[str, str],
         for warning in registry.warnings:
             warn(warning)
     runtimes = make_runtimes(cache_dir(environ), build_environment(environ))
-    return describe_registry(registry, runtimes)
+    return describe_registry(registry, runtimes, bwrap=find_bwrap(environ.get("PATH")))

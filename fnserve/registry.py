@@ -15,7 +15,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import TOML_NAME, parse_duration, parse_size, read_toml, server_table
+from .config import (
+    TOML_NAME,
+    parse_duration,
+    parse_isolation,
+    parse_size,
+    read_toml,
+    server_table,
+)
 from .errors import ConfigError, NotFound
 
 log = logging.getLogger("fnserve.registry")
@@ -23,7 +30,7 @@ log = logging.getLogger("fnserve.registry")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SETTING_KEYS = ("timeout", "memory", "env", "python", "mode", "handler", "pool", "max_requests",
-                "retries")
+                "retries", "isolation", "network", "writable")
 MODES = ("process", "fork", "warm")
 PYTHON_ONLY_KEYS = ("mode", "handler", "pool", "max_requests")  # SPEC §8
 DEFAULT_POOL = 4
@@ -43,6 +50,13 @@ class Settings:
     pool: int = DEFAULT_POOL  # warm: processes per function
     max_requests: int = 0  # warm: replace a process after this many invocations; 0 = never
     retries: int = 0  # async runs on a Redis queue: attempts after a failed one (SPEC §11)
+    isolation: str = "none"  # "none" | "sandbox" (SPEC §12)
+    network: bool = False  # in a sandbox: keep the host's network
+    writable: tuple[str, ...] = ()  # in a sandbox: absolute paths mounted read-write
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.isolation == "sandbox"
 
 
 @dataclass(frozen=True)
@@ -149,7 +163,9 @@ def parse_settings(table: Any, where: str, base: Settings | None = None) -> Sett
     values: dict[str, Any] = {"timeout": base.timeout, "memory": base.memory,
                               "env": dict(base.env), "python": base.python, "mode": base.mode,
                               "handler": base.handler, "pool": base.pool,
-                              "max_requests": base.max_requests, "retries": base.retries}
+                              "max_requests": base.max_requests, "retries": base.retries,
+                              "isolation": base.isolation, "network": base.network,
+                              "writable": base.writable}
     for key, value in table.items():
         if key not in SETTING_KEYS:
             raise ConfigError(f"{where}.{key}: unknown key (expected one of "
@@ -170,6 +186,14 @@ def parse_settings(table: Any, where: str, base: Settings | None = None) -> Sett
                         not 0 <= value <= 100:
                     raise ValueError(f"must be a whole number from 0 to 100, not {value!r}")
                 values["retries"] = value
+            elif key == "isolation":
+                values["isolation"] = parse_isolation(value)
+            elif key == "network":
+                if not isinstance(value, bool):
+                    raise ValueError(f"must be true or false, not {value!r}")
+                values["network"] = value
+            elif key == "writable":
+                values["writable"] = _parse_writable(value)
             else:
                 values["env"].update(_parse_env(value))
         except ValueError as exc:
@@ -212,6 +236,17 @@ def check_runtime_settings(spec: FunctionSpec, table: Mapping[str, Any] | None,
     return replace(spec, settings=settings)
 
 
+def _parse_writable(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of absolute paths, not {value!r}")
+    paths = []
+    for item in value:
+        if not isinstance(item, str) or not os.path.isabs(item) or "\0" in item:
+            raise ValueError(f"{item!r} is not an absolute path")
+        paths.append(os.path.normpath(item))
+    return tuple(paths)
+
+
 def _parse_env(value: Any) -> dict[str, str]:
     if not isinstance(value, dict):
         raise ValueError(f"must be a table of strings, not {value!r}")
@@ -226,15 +261,19 @@ def _parse_env(value: Any) -> dict[str, str]:
 
 
 def load_settings(
-    directory: Path, document: Mapping[str, Any]
+    directory: Path, document: Mapping[str, Any], isolation: str | None = None
 ) -> tuple[Settings, dict[str, Settings]]:
+    """`isolation`: the server's default (--isolation); None: `[server] isolation`, else none."""
     path = directory / TOML_NAME
     for key in document:
         if key not in ("defaults", "functions", "server"):
             raise ConfigError(f"{path}: [{key}]: unknown table (expected defaults, functions, "
                               f"server)")
-    server_table(directory, document)  # `fnserve list` and `run` reject a bad [server] too
-    defaults = parse_settings(document.get("defaults", {}), f"{path}: defaults")
+    server = server_table(directory, document)  # `list` and `run` reject a bad [server] too
+    if isolation is None:
+        isolation = parse_isolation(server["isolation"][1]) if "isolation" in server else "none"
+    defaults = parse_settings(document.get("defaults", {}), f"{path}: defaults",
+                              Settings(isolation=isolation))
     functions = document.get("functions", {})
     if not isinstance(functions, dict):
         raise ConfigError(f"{path}: functions: must be a table of [functions.NAME] tables")
@@ -245,12 +284,16 @@ def load_settings(
     return defaults, per_function
 
 
-def load_registry(directory: str | Path, document: Mapping[str, Any] | None = None) -> Registry:
-    """Scan DIR and its fnserve.toml. Raises ConfigError for a bad toml or directory."""
+def load_registry(directory: str | Path, document: Mapping[str, Any] | None = None,
+                  isolation: str | None = None) -> Registry:
+    """Scan DIR and its fnserve.toml. Raises ConfigError for a bad toml or directory.
+
+    `isolation`: the server's default for functions that do not set theirs (--isolation).
+    """
     directory = Path(directory).resolve()
     if document is None:
         document = read_toml(directory)
-    defaults, per_function = load_settings(directory, document)
+    defaults, per_function = load_settings(directory, document, isolation)
     try:
         found, warnings = discover(directory)
     except OSError as exc:

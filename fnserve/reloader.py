@@ -190,7 +190,7 @@ class Reloader(FileSystemEventHandler):
     def _reload(self, changed: list[str], only_attrib: bool) -> None:
         try:
             document = read_toml(self.application.config.functions_dir)
-            registry = load_registry(self.root, document)
+            registry = load_registry(self.root, document, self.application.config.isolation)
         except ConfigError as exc:
             self._say(f"[reload] error: {exc}")
             self._say("[reload] still serving the last good configuration")

@@ -27,6 +27,7 @@ from .drain import Drain, mark_server_stopping, server_stopping
 from .errors import ConfigError
 from .logs import logging_config
 from .registry import Registry, load_registry
+from .sandbox import check_sandboxes, find_bwrap
 
 log = logging.getLogger("fnserve.server")
 
@@ -118,7 +119,9 @@ def conf_settings(environ: Mapping[str, str]) -> dict[str, Any]:
     """
     try:
         config = load_config(None, {}, environ)
-        remember_last_good(config, load_registry(config.functions_dir))
+        registry = load_registry(config.functions_dir, isolation=config.isolation)
+        check_sandboxes(registry, find_bwrap(config.base_env.get("PATH")))
+        remember_last_good(config, registry)
     except ConfigError as exc:
         if _last_good is None:
             raise
@@ -134,7 +137,7 @@ def worker_app(config: Config, fallback: Registry | None) -> Flask:
     saved while the server runs must not take it down at the next worker start.
     """
     try:
-        registry = load_registry(config.functions_dir)
+        registry = load_registry(config.functions_dir, isolation=config.isolation)
     except ConfigError as exc:
         if fallback is None:
             raise
@@ -230,5 +233,6 @@ class FnServeApplication(BaseApplication):  # type: ignore[misc]
 
 def serve(config: Config) -> None:
     """Run the server until SIGTERM/SIGINT. Raises ConfigError before binding anything."""
-    registry = load_registry(config.functions_dir)
+    registry = load_registry(config.functions_dir, isolation=config.isolation)
+    check_sandboxes(registry, find_bwrap(config.base_env.get("PATH")))
     FnServeApplication(config, registry).run()

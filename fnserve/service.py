@@ -31,6 +31,7 @@ from .outcome import Outcome, from_error, from_result
 from .queue import JobQueue, make_queue
 from .registry import FunctionSpec, Registry, load_registry
 from .runtimes import Runtime, make_runtimes
+from .sandbox import find_bwrap
 from .stats import Stats, StatsCollector
 
 log = logging.getLogger("fnserve.service")
@@ -121,10 +122,11 @@ class Service:
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
         self.registry = registry if registry is not None else load_registry(
-            config.functions_dir)
+            config.functions_dir, isolation=config.isolation)
         self.runtimes: dict[str, Runtime] = make_runtimes(config.cache_dir, config.build_env)
         self.executor = Executor(config.workers, self.runtimes, stderr_sink=_log_stderr,
-                                 stdout_sink=_log_stdout)
+                                 stdout_sink=_log_stdout,
+                                 bwrap=find_bwrap(config.base_env.get("PATH")))
         self.limiter = Limiter(config.concurrency)
         self.stats = Stats()
         self.metrics = CollectorRegistry(auto_describe=False)

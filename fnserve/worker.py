@@ -58,6 +58,7 @@ from .queue.rq import (
     find_abandoned,
     make_rq_queue,
 )
+from .sandbox import check_sandboxes
 from .service import InvocationRequest, Service
 from .worker_http import serve_metrics
 
@@ -312,6 +313,7 @@ def run_worker(config: Config, *, metrics_host: str = "127.0.0.1",
     service = Service(config)
     for warning in service.registry.warnings:
         log.warning(warning)
+    check_sandboxes(service.registry, service.executor.bwrap)  # as `serve` does (SPEC §12)
     worker = FnServeWorker(service, make_rq_queue(connection), connection)
     _current = worker
     metrics = serve_metrics(service, lambda: worker.last_contact, metrics_host,

@@ -219,15 +219,15 @@ def test_list_samples(env: dict[str, str]) -> None:
     done = fnserve_cli("list", str(SAMPLES), env=env)
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.decode().splitlines()]
-    assert rows[0] == ["NAME", "RUNTIME", "MODE", "TIMEOUT", "MEMORY", "STATUS"]
+    assert rows[0] == ["NAME", "RUNTIME", "MODE", "TIMEOUT", "MEMORY", "ISOLATION", "STATUS"]
     table = {row[0]: row[1:] for row in rows[1:]}
     assert table == {
-        "echo": ["python", "process", "10s", "-", "ok"],
-        "fail": ["python", "process", "10s", "-", "ok"],
-        "hello": ["python", "process", "5s", "256MB", "ok"],
-        "slow": ["python", "process", "3s", "-", "ok"],
-        "upper": ["exec", "-", "10s", "-", "ok"],
-        "wordcount": ["go", "-", "10s", "512MB", "ok"],
+        "echo": ["python", "process", "10s", "-", "none", "ok"],
+        "fail": ["python", "process", "10s", "-", "none", "ok"],
+        "hello": ["python", "process", "5s", "256MB", "none", "ok"],
+        "slow": ["python", "process", "3s", "-", "none", "ok"],
+        "upper": ["exec", "-", "10s", "-", "none", "ok"],
+        "wordcount": ["go", "-", "10s", "512MB", "none", "ok"],
     }
 
 

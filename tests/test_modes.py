@@ -585,8 +585,8 @@ def test_fnserve_run_and_list_honour_the_mode(fn_dir: Path, environ: dict[str, s
     assert done.stderr.decode().splitlines() == ["imported", "called"]
     listed = fnserve_cli("list", str(fn_dir), env=environ)
     assert listed.stdout.decode().split() == ["NAME", "RUNTIME", "MODE", "TIMEOUT", "MEMORY",
-                                              "STATUS", "counter", "python", "fork", "-", "-",
-                                              "ok"]
+                                              "ISOLATION", "STATUS", "counter", "python",
+                                              "fork", "-", "-", "none", "ok"]
     write_function(fn_dir, "counter.py", "def handler(e, c):\n    raise KeyError('k')\n")
     failed = fnserve_cli("run", "counter", "--dir", str(fn_dir), env=environ)
     assert failed.returncode == 1
@@ -619,9 +619,10 @@ class SandboxedExecutor(Executor):
     the one argv hook a sandbox uses (`process_argv`): a fork server then numbers its
     children in its own namespace, and the worker must still kill the right group."""
 
-    def process_argv(self, argv: Sequence[str], spec: FunctionSpec) -> list[str]:
+    def process_argv(self, argv: Sequence[str], spec: FunctionSpec,
+                     readable: Sequence[str | Path] = ()) -> list[str]:
         return ["bwrap", "--unshare-pid", "--dev-bind", "/", "/", "--die-with-parent", "--",
-                *super().process_argv(argv, spec)]
+                *super().process_argv(argv, spec, readable)]
 
 
 def _bwrap_works() -> bool:

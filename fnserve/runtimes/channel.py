@@ -265,7 +265,8 @@ def boot(job: Job, mode: str, wake_fd: int) -> tuple[Booted | None, Result | Non
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     argv = job.process_argv(bootstrap_argv(settings.python or sys.executable, mode, spec.entry,
-                                           settings.handler, settings.memory, theirs.fileno()))
+                                           settings.handler, settings.memory, theirs.fileno()),
+                            readable=(BOOTSTRAP,))  # in a sandbox, it must see the script
     # the function's own settings only: a request's forwarded headers must not stay in
     # the environment of the invocations that follow (each one sets its own)
     env = {**job.invocation.base_env, **settings.env, "FN_FUNCTION": spec.name}

@@ -1,0 +1,176 @@
+"""The sandbox's cost per invocation in process mode: the same functions through the same
+Executor, `isolation = "none"` against `isolation = "sandbox"` (bubblewrap), same run.
+
+Run by hand, not a test:
+
+    .venv/bin/python bench/sandbox.py -n 200
+
+Calls alternate between the two sides, so drift (CPU frequency, other load) falls on
+both alike; the overhead is the difference of the medians. Also timed: building the
+bwrap argv alone (the Python side of the cost, in the server's thread), and a bare
+`bwrap ... /bin/true` against `/bin/true` (bubblewrap's own floor on this machine),
+and where a sandboxed start spends its time: before the command's first output
+(set-up) or after it (tear-down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fnserve.context import base_environment, make_context
+from fnserve.executor import Executor, Invocation
+from fnserve.registry import FunctionSpec, load_registry
+from fnserve.runtimes import make_runtimes
+from fnserve.sandbox import find_bwrap, sandbox_argv
+
+EVENT = b'{"name": "Ada"}'
+TIMEOUT = 30.0
+FUNCTIONS = {
+    "noop.py": "import sys\nsys.stdin.read()\nprint('{}')\n",
+    "nop.sh": "#!/bin/sh\nexit 0\n",
+}
+HANDLER = "def handler(event, context):\n    return {}\n"
+# fork and warm (SPEC §8): one function per mode and isolation, each its own process
+MODE_TOML = "".join(
+    f'[functions.{mode}{box}]\nmode = "{mode}"\npool = 1\n'
+    + ('isolation = "sandbox"\n' if box else "")
+    for mode in ("fork", "warm") for box in ("", "box"))
+
+
+def make_functions(directory: Path) -> None:
+    for name, source in FUNCTIONS.items():
+        (directory / name).write_text(source)
+    (directory / "nop.sh").chmod(0o755)
+    (directory / "_helpers.py").write_text("")
+    for mode in ("fork", "warm"):
+        for box in ("", "box"):
+            (directory / f"{mode}{box}.py").write_text(HANDLER)
+    (directory / "fnserve.toml").write_text(MODE_TOML)
+
+
+def timed(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return (time.perf_counter() - started) * 1000
+
+
+def set_up_and_tear_down(argv: list[str], cwd: Path) -> tuple[float, float]:
+    """(spawn to the command's first byte of output, that byte to the exit seen), in ms."""
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE)
+    started = time.perf_counter()
+    assert proc.stdout is not None
+    proc.stdout.read(1)
+    output = time.perf_counter()
+    proc.wait()
+    proc.stdout.close()
+    return (output - started) * 1000, (time.perf_counter() - output) * 1000
+
+
+def executor_call(executor: Executor, spec: FunctionSpec, base_env: dict[str, str]
+                  ) -> Callable[[], None]:
+    def call() -> None:
+        context = make_context(spec.name, TIMEOUT, configured_env=spec.settings.env)
+        result = executor.run(Invocation(spec, context, EVENT, time.monotonic() + TIMEOUT,
+                                         base_env))
+        if not result.ok:
+            raise SystemExit(f"{spec.name} ({spec.settings.isolation}): {result.outcome} "
+                             f"{result.stderr_tail!r}")
+    return call
+
+
+def row(label: str, none: list[float], sandbox: list[float]) -> str:
+    def p90(values: list[float]) -> float:
+        return statistics.quantiles(values, n=10)[-1]
+    mn, ms = statistics.median(none), statistics.median(sandbox)
+    return (f"{label:<28}{mn:>8.2f}{p90(none):>8.2f}{ms:>10.2f}{p90(sandbox):>8.2f}"
+            f"{ms - mn:>10.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=200, help="calls per side and function")
+    args = parser.parse_args()
+    bwrap = find_bwrap(os.environ.get("PATH"))
+    if bwrap is None:
+        raise SystemExit("bench/sandbox.py needs bwrap (the bubblewrap package)")
+    base_env = base_environment(os.environ)
+    version = subprocess.run([bwrap, "--version"], capture_output=True, text=True).stdout
+    print(f"python {platform.python_version()} ({sys.executable}), {os.cpu_count()} cpus, "
+          f"{platform.platform()}, {version.strip()}, n={args.n}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        make_functions(directory)
+        registry = load_registry(directory)
+        executor = Executor(1, make_runtimes(directory / "cache", {}), bwrap=bwrap)
+        print("\nsequential, Executor.run       none ms          sandbox ms    overhead")
+        print(f"{'':<28}{'median':>8}{'p90':>8}{'median':>10}{'p90':>8}{'ms':>10}")
+        for name, label, network in (("noop", "python (noop.py)", False),
+                                     ("nop", "exec (#!/bin/sh script)", False),
+                                     ("nop", "exec, network = true", True)):
+            spec = registry.get(name)
+            boxed = dataclasses.replace(spec, settings=dataclasses.replace(
+                spec.settings, isolation="sandbox", network=network))
+            plain_call = executor_call(executor, spec, base_env)
+            boxed_call = executor_call(executor, boxed, base_env)
+            for _ in range(5):  # warm up both
+                plain_call()
+                boxed_call()
+            none, sandbox = [], []
+            for _ in range(args.n):
+                none.append(timed(plain_call))
+                sandbox.append(timed(boxed_call))
+            print(row(label, none, sandbox))
+        for mode in ("fork", "warm"):  # the sandbox is set up once, by the first call
+            plain_call = executor_call(executor, registry.get(mode), base_env)
+            boxed_call = executor_call(executor, registry.get(f"{mode}box"), base_env)
+            for _ in range(5):
+                plain_call()
+                boxed_call()
+            none, sandbox = [], []
+            for _ in range(args.n):
+                none.append(timed(plain_call))
+                sandbox.append(timed(boxed_call))
+            print(row(f"python {mode} (handler)", none, sandbox))
+        spec = registry.get("noop")
+        boxed = dataclasses.replace(spec, settings=dataclasses.replace(
+            spec.settings, isolation="sandbox"))
+        argv = (sys.executable, str(spec.entry))
+        builds = [timed(lambda: sandbox_argv(bwrap, boxed, argv, spec.cwd))
+                  for _ in range(args.n)]
+        print(f"\nbuilding the bwrap argv: median {statistics.median(builds) * 1000:.0f} us")
+        true = shutil.which("true", path="/usr/bin:/bin") or "/bin/true"
+        bare = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+                "--unshare-uts", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
+                "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--die-with-parent",
+                "--new-session", "--cap-drop", "ALL", true]
+        plain, wrapped = [], []
+        for _ in range(args.n):
+            plain.append(timed(lambda: subprocess.run([true], check=True)))
+            wrapped.append(timed(lambda: subprocess.run(bare, check=True)))
+        print(f"bare floor, subprocess.run: /bin/true median {statistics.median(plain):.2f} ms, "
+              f"bwrap ... /bin/true median {statistics.median(wrapped):.2f} ms")
+        echo = ("/bin/sh", "-c", "echo x")
+        for label, argv in (("without bwrap", list(echo)),
+                            ("sandboxed", sandbox_argv(bwrap, boxed, echo, spec.cwd))):
+            phases = [set_up_and_tear_down(argv, spec.cwd) for _ in range(args.n)]
+            print(f"sh -c 'echo x' {label}: spawn to first byte median "
+                  f"{statistics.median(p[0] for p in phases):.2f} ms, first byte to exit "
+                  f"median {statistics.median(p[1] for p in phases):.2f} ms")
+        executor.shutdown()
+
+
+if __name__ == "__main__":
+    main()
