@@ -71,6 +71,9 @@ def create_app(config: Config, registry: Registry | None = None) -> Flask:
     from .api.jobs import blueprint as jobs_blueprint  # it uses this module's request checks
 
     app.register_blueprint(jobs_blueprint)
+    from .api.history import register as register_history  # it imports this module
+
+    register_history(app, state)  # recording, /invocations, the dashboard at /
     return app
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from . import __version__
 from .config import OPTIONS, Config, format_duration, load_config, parse_duration
 from .errors import FnServeError
+
+if TYPE_CHECKING:
+    from .executor import Result
 
 EXIT_FAILED = 1  # output too large, build failed
 EXIT_USAGE = 2
@@ -63,15 +66,18 @@ def dev(directory: str | None, **flags: Any) -> None:
 
 
 def _serve(config: Config) -> None:
+    from .history import check_history
     from .server import serve as run_server
 
     try:
+        check_history(config.history)  # an unusable --history is a startup error, exit 2
         run_server(config)
     except FnServeError as exc:
         raise CliError(str(exc)) from None
 
 
-WORKER_OPTIONS = ("queue", "timeout", "max-output", "pass-env", "graceful-timeout", "log-format")
+WORKER_OPTIONS = ("queue", "timeout", "max-output", "pass-env", "graceful-timeout", "log-format",
+                  "history", "history-max")
 
 
 def _worker_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -154,14 +160,19 @@ def run(target: str, directory: str, data: str | None, param: tuple[str, ...],
     except OSError as exc:  # FnServe's own trouble (an unwritable cache): say it in a line
         click.echo(f"fnserve: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+    exit_with_result(spec.name, result)
+
+
+def exit_with_result(name: str, result: Result) -> NoReturn:
+    """What `fnserve run` (and `fnserve replay`) print for a Result, and the exit status."""
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     if result.outcome == "timeout":
-        click.echo(f"fnserve: {spec.name} timed out after "
+        click.echo(f"fnserve: {name} timed out after "
                    f"{format_duration(result.context.deadline or 0)}", err=True)
         sys.exit(EXIT_TIMEOUT)
     if result.outcome == "output_too_large":
-        click.echo(f"fnserve: {spec.name} wrote more than the output limit", err=True)
+        click.echo(f"fnserve: {name} wrote more than the output limit", err=True)
         sys.exit(EXIT_FAILED)
     if result.outcome in ("build_failed", "unavailable"):  # unavailable: out of fds, memory
         click.echo(f"fnserve: {result.error}", err=True)
@@ -196,3 +207,10 @@ def list_functions(directory: str) -> None:
     for row in table:
         cells = [cell.ljust(width) for cell, width in zip(row[:6], widths, strict=True)]
         click.echo("  ".join([*cells, row[6].splitlines()[0] if row[6] else ""]))
+
+
+# fnserve history / show / replay (SPEC §10) live in their own module
+from .history_cli import history, replay, show  # noqa: E402
+
+for _command in (history, show, replay):
+    main.add_command(_command)

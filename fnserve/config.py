@@ -176,6 +176,11 @@ OPTIONS: tuple[Option, ...] = (
            metavar="N"),
     Option("result-ttl", parse_duration, 86400.0, "How long a finished job's result is kept.",
            metavar="DURATION"),
+    Option("history", _text, None,
+           "Invocation history file, or off (default: ~/.local/share/fnserve/history.sqlite3).",
+           metavar="PATH|off"),
+    Option("history-max", _positive_int, 10000, "Invocations the history keeps (the newest).",
+           metavar="N"),
 )
 OPTIONS_BY_FIELD = {option.field: option for option in OPTIONS}
 
@@ -204,6 +209,8 @@ class Config:
     base_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     cache_dir: Path = Path(".cache/fnserve")
     build_env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    history: Path | None = None  # None: no history (--history off)
+    history_max: int = 10000
 
 
 def read_toml(functions_dir: Path) -> dict[str, Any]:
@@ -228,6 +235,15 @@ def cache_dir(environ: Mapping[str, str]) -> Path:
     if xdg:
         return Path(xdg) / "fnserve"
     return Path(environ.get("HOME") or Path.home()) / ".cache" / "fnserve"
+
+
+def history_path(environ: Mapping[str, str], value: str | None = None) -> Path | None:
+    """--history PATH|off; unset: $XDG_DATA_HOME/fnserve or ~/.local/share/fnserve."""
+    if value is not None:
+        return None if value.strip().lower() == "off" else Path(value).expanduser().resolve()
+    xdg = environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path(environ.get("HOME") or Path.home()) / ".local" / "share"
+    return base / "fnserve" / "history.sqlite3"
 
 
 def build_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -322,6 +338,7 @@ def load_config(
         graceful_timeout=graceful,
         forward_headers=forward,
         dev=dev,
+        history=history_path(environ, values.pop("history")),
         **values,
     )
 

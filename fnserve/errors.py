@@ -179,3 +179,27 @@ class UsageError(FnServeError):
     """A bad CLI argument (unknown function, bad --data): exit 2."""
 
     code = "usage"
+
+
+class BadRequest(FnServeError):
+    """A query parameter out of range (/invocations?limit=...)."""
+
+    status = 400
+    code = "bad_request"
+    message = "bad request"
+
+
+class NotReplayable(FnServeError):
+    """The recorded request was cut at 64 KiB: running it again would not be a replay."""
+
+    status = 409
+    code = "not_replayable"
+    message = "the recorded request body was truncated; it cannot be replayed"
+
+
+class Forbidden(FnServeError):
+    """A state-changing dashboard request without its CSRF token or from another site."""
+
+    status = 403
+    code = "forbidden"
+    message = "cross-site request refused"

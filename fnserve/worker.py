@@ -314,6 +314,9 @@ def run_worker(config: Config, *, metrics_host: str = "127.0.0.1",
     for warning in service.registry.warnings:
         log.warning(warning)
     check_sandboxes(service.registry, service.executor.bwrap)  # as `serve` does (SPEC §12)
+    from .recording import attach_history
+
+    history = attach_history(service)  # jobs run here are recorded like any invocation
     worker = FnServeWorker(service, make_rq_queue(connection), connection)
     _current = worker
     metrics = serve_metrics(service, lambda: worker.last_contact, metrics_host,
@@ -334,6 +337,8 @@ def run_worker(config: Config, *, metrics_host: str = "127.0.0.1",
             metrics.shutdown()
         dropped = worker.callbacks.close(wait=5.0)
         service.executor.shutdown()
+        if history.writer is not None:
+            history.writer.close()
         connection.close()
         _current = None
         log.info("fnserve worker %s stopped", worker.name, extra={"callbacks_dropped": dropped})

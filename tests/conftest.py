@@ -35,6 +35,8 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("GOCACHE", _go_build_cache(os.environ))
         patch.setenv("XDG_CACHE_HOME", str(xdg))
+        # the invocation history's default file: never the developer's ~/.local/share
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
         yield xdg
 
 
@@ -47,6 +49,7 @@ def environ(tmp_path: Path, isolated_cache: Path) -> dict[str, str]:
     env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "GOCACHE")
            if key in os.environ}
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")
+    env["XDG_DATA_HOME"] = str(tmp_path / "xdg-data")
     return env
 
 

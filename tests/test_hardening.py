@@ -420,3 +420,22 @@ def test_fnserve_run_out_of_fds_is_one_line_and_exit_1(tmp_path: Path) -> None:
     assert result.returncode == 1, result
     assert result.stderr.decode() == "fnserve: cannot start ok: Too many open files\n"
     assert result.stdout == b""
+
+
+def test_an_async_job_does_not_get_the_server_key_either(tmp_path: Path) -> None:
+    directory = tmp_path / "functions"
+    _environ_echo(directory)
+    with running(LiveServer(directory, "--api-key", KEY)) as server:
+        headers = {"X-API-Key": KEY, "Authorization": "Bearer function-token"}
+        response = server.post("/async-function/env", headers={**headers,
+                                                                "X-Request-Id": "job-key"})
+        assert response.status_code == 202, response.text
+
+        def finished() -> dict[str, Any] | None:
+            job: dict[str, Any] = server.get("/jobs/job-key", headers=headers).json()
+            return job if job["status"] in ("finished", "failed") else None
+
+        job = wait_until(finished, 30, interval=0.05)
+        assert job and job["status"] == "finished", job
+        expected = {"HTTP_AUTHORIZATION": "Bearer function-token"}
+        assert json.loads(job["result"]) == {"context": expected, "environ": expected}

@@ -40,7 +40,8 @@ API_KEY = "k-openapi-0123456789"
 MAX_EXAMPLES = 15  # per operation and phase: ~10 operations x 2 servers stay well under 30 s
 FUNCTIONS = ("hello", "echo", "fail", "crash", "slow", "big", "binary")
 PROTECTED = ("/function/{name}", "/functions", "/stats", "/metrics", "/async-function/{name}",
-             "/jobs/{request_id}")
+             "/jobs/{request_id}", "/invocations", "/invocations/{request_id}",
+             "/invocations/{request_id}/replay")
 
 # Not negative_data_rejection: FnServe accepts any query string, header value and
 # body (that is the contract), so schemathesis' "invalid" values there are valid.
@@ -176,7 +177,9 @@ def test_document_is_the_shipped_yaml(live: LiveServer) -> None:
     assert {"get", "post", "put", "patch", "delete"} <= set(invoke)
     assert set(served["paths"]) == {"/function/{name}", "/functions", "/stats", "/metrics",
                                     "/healthz", "/openapi.json", "/async-function/{name}",
-                                    "/jobs/{request_id}"}
+                                    "/jobs/{request_id}", "/invocations",
+                                    "/invocations/{request_id}",
+                                    "/invocations/{request_id}/replay"}
     # every status of the SPEC's error table is declared for every method
     for method in ("get", "post", "put", "patch", "delete"):
         assert {"200", "400", "401", "404", "413", "429", "500", "502", "504"} <= \
