@@ -74,6 +74,9 @@ def create_app(config: Config, registry: Registry | None = None) -> Flask:
     from .api.history import register as register_history  # it imports this module
 
     register_history(app, state)  # recording, /invocations, the dashboard at /
+    from .api.lambda_ import lambda_api  # imports this module's request helpers
+
+    app.register_blueprint(lambda_api)
     return app
 
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
@@ -47,6 +48,7 @@ class Context:
     env: Mapping[str, str] = field(default_factory=dict)
     timestamp: str = ""
     deadline_ms: int = 0
+    client_context: Any = None  # Lambda's ClientContext (SPEC §9); in FN_CONTEXT when set
 
     def started(self, remaining: float, now: float | None = None) -> Context:
         """The context as the function sees it: stamped when its process starts."""
@@ -57,7 +59,7 @@ class Context:
             deadline_ms=int((now + max(remaining, 0.0)) * 1000))
 
     def to_json(self) -> str:
-        return json.dumps({
+        document = {
             "request_id": self.request_id,
             "function": self.function,
             "timestamp": self.timestamp,
@@ -68,7 +70,10 @@ class Context:
             # not dataclasses.asdict: it deep-copies, a tenth of a warm call's own time
             "tracing": {"trace_id": self.tracing.trace_id, "span_id": self.tracing.span_id,
                         "parent_id": self.tracing.parent_id},
-        }, separators=(",", ":"))
+        }
+        if self.client_context is not None:
+            document["client_context"] = self.client_context
+        return json.dumps(document, separators=(",", ":"))
 
 
 def new_span_id() -> str:
@@ -123,6 +128,7 @@ def make_context(
     forwarded: Mapping[str, str] | None = None,
     configured_env: Mapping[str, str] | None = None,
     tracing: Tracing | None = None,
+    client_context: Any = None,
 ) -> Context:
     # configured env is applied last: a client never overrides a function's configuration
     env = {**(forwarded or {}), **(configured_env or {})}
@@ -133,6 +139,7 @@ def make_context(
         tracing=tracing or tracing_from(lambda _name: None),
         parameters=dict(parameters or {}),
         env=env,
+        client_context=client_context,
     ).started(timeout)
 
 

@@ -36,6 +36,7 @@ from .runtimes import BuildError, Runner, Runtime
 from .sandbox import exit_status, sandbox_argv
 
 STDERR_TAIL = 64 * 1024
+LOG_TAIL = 4096
 MAX_STDERR_LINE = 16 * 1024
 READ_CHUNK = 64 * 1024
 INLINE_WAIT_SLICE = 0.05  # seconds between looks at a cancel while waiting for a slot
@@ -78,6 +79,9 @@ class Result:
     error_message: str = ""
     stack_trace: tuple[str, ...] = ()
     max_rss_kb: int | None = None  # peak RSS of the function's process, when known
+    # fork/warm: the last LOG_TAIL bytes of the lines the handler printed (stdout) and
+    # wrote to stderr, in order, for Lambda's Tail log (process mode: stderr_tail)
+    log_tail: bytes = b""
 
     @property
     def ok(self) -> bool:
@@ -308,7 +312,7 @@ class Executor:
             _killpg(proc.pid)
             proc.wait()
             raise
-        returncode = proc.wait()
+        returncode, max_rss_kb = _reap(proc)
         if spec.settings.sandboxed:
             returncode = exit_status(returncode)
         duration = time.monotonic() - started
@@ -319,7 +323,7 @@ class Executor:
             outcome, context, stdout=stdout, stderr_tail=stderr.tail(),
             exit_code=returncode if returncode >= 0 else None,
             signal=-returncode if returncode < 0 else None,
-            duration=duration,
+            duration=duration, max_rss_kb=max_rss_kb,
         )
 
     def _execute_with(self, runner: Runner, run: Run) -> Result:
@@ -330,14 +334,16 @@ class Executor:
         if remaining <= 0:  # used up waiting in the queue
             return Result("timeout", invocation.context.started(0.0))
         context = invocation.context.started(remaining)
-        stderr = LineLog(invocation, self.stderr_sink, self.stderr_log_limit)
-        stdout = LineLog(invocation, self.stdout_sink, self.stderr_log_limit)
+        transcript = bytearray()  # what the handler printed and logged, in order
+        stderr = LineLog(invocation, self.stderr_sink, self.stderr_log_limit, transcript)
+        stdout = LineLog(invocation, self.stdout_sink, self.stderr_log_limit, transcript)
         job = Job(invocation, context, invocation.deadline_at, run, stderr, stdout,
                   functools.partial(self.process_argv, spec=invocation.spec))
         result = runner.run(job)
         stderr.close()
         stdout.close()
         tail = stderr.tail()
+        result = dataclasses.replace(result, log_tail=bytes(transcript))
         return dataclasses.replace(result, stderr_tail=tail) if tail else result
 
     def process_argv(self, argv: Sequence[str], spec: FunctionSpec,
@@ -542,6 +548,19 @@ def _killpg(pgid: int) -> None:
         return
 
 
+def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, int | None]:
+    """Reap the leader with wait4, for its peak RSS (Lambda's Max Memory Used): its
+    returncode as Popen reports it, and ru_maxrss in KiB (Linux's unit)."""
+    if proc.returncode is not None:  # already reaped (cannot happen here, but be exact)
+        return proc.returncode, None
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)
+    except ChildProcessError:  # reaped elsewhere: the status is lost, as Popen says
+        return proc.wait(), None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss
+
+
 def _has_exited(pid: int) -> bool:
     # WNOWAIT: look without reaping, so the group id stays reserved for _killpg
     info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -551,10 +570,12 @@ def _has_exited(pid: int) -> bool:
 class _StderrLines:
     """Keeps the last STDERR_TAIL bytes and hands each line to the sink (bounded)."""
 
-    def __init__(self, invocation: Invocation, sink: StderrSink | None, limit: int | None) -> None:
+    def __init__(self, invocation: Invocation, sink: StderrSink | None, limit: int | None,
+                 transcript: bytearray | None = None) -> None:
         self.invocation = invocation
         self.sink = sink
         self.limit = limit
+        self.transcript = transcript  # shared by a run's stdout and stderr: lines in order
         self._tail = bytearray()
         self._partial = bytearray()
         self._logged = 0
@@ -584,6 +605,10 @@ class _StderrLines:
             self._dropped += len(line) + 1
             return
         self._logged += len(line) + 1
+        if self.transcript is not None:
+            self.transcript += line + b"\n"
+            if len(self.transcript) > LOG_TAIL:
+                del self.transcript[:len(self.transcript) - LOG_TAIL]
         self.sink(self.invocation, line.decode("utf-8", "replace").rstrip("\r"))
 
     def close(self) -> None:

@@ -223,7 +223,7 @@ class Service:
         context = make_context(
             spec.name, deadline, request_id=request.request_id, tracing=request.tracing,
             parameters=request.parameters, forwarded=request.forwarded,
-            configured_env=spec.settings.env)
+            configured_env=spec.settings.env, client_context=request.client_context)
         # the deadline runs from admission: reading a slow upload does not use it up
         invocation = Invocation(spec, context, request.event, admitted + deadline,
                                 self.config.base_env, self.config.max_output,

@@ -87,7 +87,7 @@ class LiveServer:
             try:
                 if self.session.get(self.url("/healthz"), timeout=1).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up, or a loaded machine
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"server not ready in {self.ready_timeout}s:\n{self.stderr()}")

@@ -42,6 +42,10 @@ FUNCTIONS = ("hello", "echo", "fail", "crash", "slow", "big", "binary")
 PROTECTED = ("/function/{name}", "/functions", "/stats", "/metrics", "/async-function/{name}",
              "/jobs/{request_id}", "/invocations", "/invocations/{request_id}",
              "/invocations/{request_id}/replay")
+# the Lambda API refuses with 403 and Lambda's error shape (SPEC §9)
+LAMBDA_PROTECTED = ("/2015-03-31/functions/{FunctionName}/invocations",
+                    "/2015-03-31/functions", "/2015-03-31/functions/",
+                    "/2015-03-31/functions/{FunctionName}")
 
 # Not negative_data_rejection: FnServe accepts any query string, header value and
 # body (that is the contract), so schemathesis' "invalid" values there are valid.
@@ -128,12 +132,13 @@ def _exercise(case: Any, live: LiveServer) -> None:
     invoking = case.operation.path in ("/function/{name}", "/async-function/{name}")
     bad_name = invoking and case.meta is not None and case.meta.is_negative_at(
         ParameterLocation.PATH)
-    if invoking and not bad_name:
+    parameter = "FunctionName" if case.operation.path in LAMBDA_PROTECTED else "name"
+    if parameter in (case.path_parameters or {}) and not bad_name:
         # a pure function of the case, so hypothesis replays and shrinks it faithfully
-        generated = str((case.path_parameters or {}).get("name", ""))
+        generated = str((case.path_parameters or {}).get(parameter, ""))
         pick = (None, *FUNCTIONS)[zlib.crc32(generated.encode()) % (len(FUNCTIONS) + 1)]
         if pick is not None:
-            case.path_parameters = {**(case.path_parameters or {}), "name": pick}
+            case.path_parameters = {**(case.path_parameters or {}), parameter: pick}
     keyed = "--api-key" in live.argv
     headers = {"X-API-Key": API_KEY} if keyed else None
     response = case.call_and_validate(base_url=live.base, headers=headers, checks=CHECKS)
@@ -148,6 +153,14 @@ def _exercise(case: Any, live: LiveServer) -> None:
         response = case.call(base_url=live.base)
         assert response.status_code == 401, (case.operation.label, response.text)
         assert response.json()["code"] == "unauthorized"
+        case.validate_response(response, checks=CHECKS)
+    if keyed and declared and case.operation.path in LAMBDA_PROTECTED:
+        case.headers = {k: v for k, v in (case.headers or {}).items()
+                        if k.lower() not in ("x-api-key", "authorization")}
+        response = case.call(base_url=live.base)
+        assert response.status_code == 403, (case.operation.label, response.text)
+        headers = {name.lower(): value for name, value in response.headers.items()}
+        assert "UnrecognizedClientException" in headers["x-amzn-errortype"]
         case.validate_response(response, checks=CHECKS)
 
 
@@ -179,7 +192,7 @@ def test_document_is_the_shipped_yaml(live: LiveServer) -> None:
                                     "/healthz", "/openapi.json", "/async-function/{name}",
                                     "/jobs/{request_id}", "/invocations",
                                     "/invocations/{request_id}",
-                                    "/invocations/{request_id}/replay"}
+                                    "/invocations/{request_id}/replay", *LAMBDA_PROTECTED}
     # every status of the SPEC's error table is declared for every method
     for method in ("get", "post", "put", "patch", "delete"):
         assert {"200", "400", "401", "404", "413", "429", "500", "502", "504"} <= \
