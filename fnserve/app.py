@@ -3,16 +3,17 @@
 An invocation reads top to bottom: auth -> registry (404) -> bounded body (413)
 -> JSON check (400) -> service.py (limiter 429, context, executor, stats, log,
 history) -> the Outcome as the response. The cheapest refusal comes first, and no
-slot is taken for a request that is refused anyway.
+slot is taken for a request that is refused anyway. A body over ADMIT_FIRST_ABOVE
+(or chunked) is the exception: its slot is reserved before it is read, so that a
+429 does not cost the upload (README: the order for large bodies).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
-import select
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 from werkzeug.wsgi import get_input_stream
 
-from .auth import key_matches
 from .config import Config
 from .context import forwarded_env, request_id_from, tracing_from
+from .credentials import bearer_token, same_key, without_server_key
+from .disconnect import ClientWatch
 from .errors import (
     INVOKE_METHODS,
     ClientClosed,
@@ -47,6 +49,8 @@ log = logging.getLogger("fnserve.app")
 METHODS = list(INVOKE_METHODS)
 DISCONNECT_POLL = 0.25  # seconds between checks that the client is still there
 _READ_CHUNK = 64 * 1024
+# bodies larger than this (or chunked) are admitted before they are read (issue 8)
+ADMIT_FIRST_ABOVE = 64 * 1024
 
 
 def get_state(app: Flask) -> Service:
@@ -85,9 +89,8 @@ def _check_auth(config: Config) -> None:
         return
     given = request.headers.get("X-API-Key")
     if not given:  # an empty X-API-Key must not hide a good Bearer token
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        given = token.strip() if scheme.lower() == "bearer" else ""
-    if not key_matches(given, config.api_key):  # constant time, any length (auth.py)
+        given = bearer_token(request.headers.get("Authorization", ""))
+    if not same_key(given, config.api_key):  # constant time, any length
         raise Unauthorized()
 
 
@@ -112,19 +115,32 @@ def _read_body(limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _discard_body(environ: dict[str, Any], limit: int) -> None:
+    """Read and drop at most `limit` + 1 bytes of an unread body, 64 KiB at a time."""
+    stream = get_input_stream(environ, safe_fallback=True, max_content_length=None)
+    left = limit + 1
+    try:
+        while left > 0 and (chunk := stream.read(min(_READ_CHUNK, left))):
+            left -= len(chunk)
+    except (OSError, ValueError):  # the client gave up: nothing more to do
+        pass
+
+
+def _admit_before_reading(limit: int) -> bool:
+    """A body larger than ADMIT_FIRST_ABOVE, or of unknown size (chunked), is admitted
+    (or refused 429) before it is read, so a refusal costs no upload; a smaller one
+    is read first, keeping the SPEC's order of refusals (413, 400, then 429). A
+    Content-Length over the limit is still a 413 first: it costs nothing to see."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    if length is None:
+        return bool(request.headers.get("Transfer-Encoding"))
+    return length > ADMIT_FIRST_ABOVE
+
+
 def _is_json_type(mimetype: str) -> bool:
     return mimetype == "application/json" or mimetype.endswith("+json")
-
-
-_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR | select.POLLNVAL
-
-
-def _client_gone(sock: socket.socket) -> bool:
-    # poll, not recv(MSG_PEEK): it reads nothing, and works on a TLS socket too; a
-    # pipelined next request makes the socket readable, but only a close sets RDHUP
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLRDHUP)
-    return any(mask & _GONE for _fd, mask in poller.poll(0))
 
 
 def _wait(run: Run, environ: dict[str, Any]) -> Result:
@@ -133,12 +149,14 @@ def _wait(run: Run, environ: dict[str, Any]) -> Result:
     try:
         if sock is None:  # flask run, test client: no socket to watch
             return run.result()
-        run.hangup_fd = sock.fileno()  # an inline run watches it itself
+        client = ClientWatch(sock, environ.get("SERVER_PROTOCOL", ""))
+        run.hangup_fd = sock.fileno()  # an inline run watches it itself, and asks
+        run.client_gone = client.hangup  # whether a hangup seen there is a disconnect
         while True:
             try:
                 return run.result(timeout=DISCONNECT_POLL)
             except TimeoutError:
-                if not run.cancelled and _client_gone(sock):
+                if not run.cancelled and client.gone():
                     run.cancel()
     except BaseException:  # never let a function run on after its slot is given back
         run.cancel()
@@ -179,21 +197,40 @@ def _add_routes(app: Flask, state: Service) -> None:
         _check_auth(config)
         spec = state.registry.get(name)
         g.function = spec.name
-        event = _read_body(config.max_body)
-        if not event:
-            event = b"{}"
-        elif _is_json_type(request.mimetype):
-            try:
-                parse_json(event)
-            except ValueError:
-                raise InvalidJSON() from None
-        outcome = state.invoke(
-            InvocationRequest(
-                spec, event, g.request_id, g.tracing,
-                parameters={key: request.args[key] for key in request.args},
-                forwarded=forwarded_env(request.headers.get, config.forward_headers),
-                method=request.method, received_at=g.started),
-            watch=functools.partial(_wait, environ=request.environ))
+        invocation = InvocationRequest(
+            spec, b"", g.request_id, g.tracing,
+            parameters={key: request.args[key] for key in request.args},
+            forwarded=without_server_key(
+                forwarded_env(request.headers.get, config.forward_headers),
+                config.api_key or ""),
+            method=request.method, received_at=g.started)
+        slot = None
+        if _admit_before_reading(config.max_body):
+            reserved = state.reserve(invocation)
+            if isinstance(reserved, Outcome):
+                g.logged = True  # the service logged it
+                refusal = _response(reserved)
+                # after the answer is sent: a client that writes its whole body before
+                # reading would otherwise get a reset instead of the 429
+                refusal.call_on_close(functools.partial(_discard_body, request.environ,
+                                                        config.max_body))
+                return refusal
+            slot = reserved
+        try:
+            event = _read_body(config.max_body)
+            if not event:
+                event = b"{}"
+            elif _is_json_type(request.mimetype):
+                try:
+                    parse_json(event)
+                except ValueError:
+                    raise InvalidJSON() from None
+            outcome = state.invoke(dataclasses.replace(invocation, event=event),
+                                   watch=functools.partial(_wait, environ=request.environ),
+                                   slot=slot)
+        finally:
+            if slot is not None:
+                slot.release()  # a no-op once invoke() took it over
         g.logged = True  # the service logged it
         return _response(outcome)
 

@@ -48,6 +48,10 @@ DEFAULT_MAX_OUTPUT = 6 * 1024 * 1024
 # a fixed search path: the memory wrapper must not depend on the caller's PATH
 _SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 
+# Popen errors that say the server itself is out of processes, descriptors or memory:
+# the function is not to blame (503 unavailable), unlike a missing or unrunnable file
+SERVER_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
+
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _POLL_OUT = select.POLLOUT | select.POLLHUP | select.POLLERR
 
@@ -119,6 +123,9 @@ class Run:
         self.invocation = invocation
         self.future: Future[Result] = Future()
         self.hangup_fd = -1
+        # given the poll events seen on hangup_fd, is the client gone? None: any hangup
+        # is (app.py sets disconnect.ClientWatch.hangup: a half-close is not)
+        self.client_gone: Callable[[int], bool] | None = None
         self._lock = threading.Lock()
         self._cancelled = False
         self._wake_fd = -1
@@ -317,6 +324,9 @@ class Executor:
                 )
                 REAPER.adopt(proc.pid)
         except OSError as exc:
+            if exc.errno in SERVER_EXHAUSTED:  # FnServe's fault, not the function's
+                return Result("unavailable", context,
+                              error=f"cannot start {spec.name}: {exc.strerror}")
             code = 127 if exc.errno == errno.ENOENT else 126
             return Result("failed", context, exit_code=code,
                           error=f"cannot start {spec.name}: {exc.strerror}")
@@ -463,7 +473,8 @@ class _Communication:
                 continue
             for fd, mask in events:
                 self._handle(fd, mask)
-                if self.outcome is not None:
+                if self.outcome is not None or (self.exited_at is not None
+                                                and not self.reading):
                     return
 
     def _handle(self, fd: int, mask: int) -> None:
@@ -486,7 +497,7 @@ class _Communication:
             self.poller.unregister(fd)
             self._leader_exited(time.monotonic())
         elif fd == self.wake_fd:
-            self._kill("cancelled")
+            self._cancelled()
 
     def _write_stdin(self, mask: int) -> None:
         if mask & (select.POLLHUP | select.POLLERR):
@@ -519,6 +530,28 @@ class _Communication:
         self.exited_at = now
         # the function is done; whatever it left running in its group goes with it
         _killpg(self.proc.pid)
+
+    def _cancelled(self) -> None:
+        if self.exited_at is None and not _has_exited(self.proc.pid):
+            self._kill("cancelled")
+            return
+        # The main process has exited (its pidfd may not have been handled yet): its
+        # result stands. The cancel only cuts short the wait for leftover pipe holders.
+        if self.exited_at is None:
+            self._leader_exited(time.monotonic())
+        self.poller.unregister(self.wake_fd)
+        self._read_what_is_buffered()
+        self.reading.clear()
+
+    def _read_what_is_buffered(self) -> None:
+        """What the function wrote before it exited, without waiting for more."""
+        for fd in list(self.reading):
+            for _ in range(64):  # a bound: an escaped writer could refill the pipe forever
+                ready = select.poll()
+                ready.register(fd, _POLL_IN)
+                if not ready.poll(0) or fd not in self.reading or self.outcome is not None:
+                    break
+                self._handle(fd, select.POLLIN)
 
     def _kill(self, outcome: str) -> None:
         self.outcome = outcome

@@ -6,7 +6,7 @@ rather than dev reload or the drain quietly misbehaving.
 
 - DevArbiter relies on Arbiter.reload() calling reap_workers() inside its wait for
   the old workers, to get back to the signal loop at once.
-- drain_on_sigint() relies on the arbiter looking its handlers up by name
+- on_stop() relies on the arbiter looking its handlers up by name
   (getattr(self, "handle_" + signame)) at each signal.
 - worker_alive() reads Worker.alive, which gunicorn clears when the worker is told
   to exit.
@@ -19,7 +19,7 @@ rather than dev reload or the drain quietly misbehaving.
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from gunicorn.arbiter import Arbiter
@@ -58,9 +58,21 @@ class DevArbiter(Arbiter):  # type: ignore[misc]
             raise _BackToTheLoop
 
 
-def drain_on_sigint(arbiter: Any) -> None:
-    """SIGINT drains like SIGTERM (SPEC §4); gunicorn's own SIGINT is a quick stop."""
-    arbiter.handle_int = arbiter.handle_term
+def on_stop(arbiter: Any, before: Callable[[], None], *, sigint_too: bool) -> None:
+    """Call `before` when the master is told to stop (SIGTERM), then stop as gunicorn does.
+
+    With `sigint_too`, SIGINT does the same (SPEC §4: it drains like SIGTERM), rather
+    than gunicorn's own quick stop.
+    """
+    stop = arbiter.handle_term
+
+    def handle_term() -> None:
+        before()
+        stop()
+
+    arbiter.handle_term = handle_term
+    if sigint_too:
+        arbiter.handle_int = handle_term
 
 
 def worker_alive(worker: Any) -> bool:

@@ -95,6 +95,8 @@ def error_for(result: Result, spec: FunctionSpec, *, deadline: float, max_output
         return OutputTooLarge(f"function output is larger than {max_output} bytes")
     if outcome == "build_failed":
         return BuildFailed(result.error or "function does not build")
+    if outcome == "unavailable":  # the server could not start it: out of fds, memory
+        return Unavailable(result.error or "server is out of resources")
     if outcome == "cancelled":
         # killed by the shutdown: the client is still there and deserves an answer
         return Unavailable() if draining else ClientClosed()

@@ -14,7 +14,6 @@ import logging
 import math
 import signal
 import sys
-import threading
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -26,8 +25,9 @@ from gunicorn.glogging import Logger
 from .app import create_app, get_state
 from .banner import function_lines, start_line
 from .config import Config, load_config
+from .drain import Drain, mark_server_stopping, server_stopping
 from .errors import ConfigError
-from .gunicorn_internals import drain_on_sigint, master_children
+from .gunicorn_internals import master_children, on_stop
 from .logs import logging_config
 from .reaper import REAPER, become_subreaper, kill_adopted_children
 from .registry import Registry, load_registry
@@ -36,6 +36,7 @@ from .sandbox import check_sandboxes, find_bwrap
 log = logging.getLogger("fnserve.server")
 
 SPARE_THREADS = 16  # beyond --concurrency: for 429s, /healthz, /metrics under full load
+STOP_LINGER = 2  # seconds a stopping worker may take after the drain (see graceful_timeout)
 
 
 def gunicorn_settings(config: Config) -> dict[str, Any]:
@@ -52,9 +53,12 @@ def gunicorn_settings(config: Config) -> dict[str, Any]:
         "keepalive": 5,
         # gthread's main loop heartbeats while requests run; this only catches a hung worker
         "timeout": int(config.timeout + config.graceful_timeout) + 30,
-        # gunicorn takes whole seconds; one more than ours, so that our own kill at
-        # --graceful-timeout (post_worker_init) comes first and every request is answered
-        "graceful_timeout": math.ceil(config.graceful_timeout) + 1,
+        # gunicorn takes whole seconds; more than ours, so that our own kill at
+        # --graceful-timeout (drain.py) comes first and every request is answered, and
+        # the worker, which stops accepting only then, can close its idle kept-alive
+        # connections (a stopping gthread worker keeps them up to 2 s) before the
+        # arbiter's SIGKILL
+        "graceful_timeout": math.ceil(config.graceful_timeout) + 1 + STOP_LINGER,
         "preload_app": False,
         "control_socket_disable": True,  # gunicorn >= 25.1 would open one at a shared path
         "proc_name": "fnserve",
@@ -92,8 +96,9 @@ def when_ready(config: Config, arbiter: Any) -> None:
 def ready(config: Config, arbiter: Any, registry: Registry) -> None:
     # the functions of a worker that dies without its worker_exit come to us (child_exit)
     become_subreaper()
-    if not config.dev:
-        drain_on_sigint(arbiter)
+    # the workers drain visibly only when the master stops (not on a reload); in serve,
+    # SIGINT drains like SIGTERM (SPEC §4) rather than gunicorn's quick stop
+    on_stop(arbiter, mark_server_stopping, sigint_too=not config.dev)
     if is_public(config.host) and not config.api_key:
         log.warning("fnserve listens on %s, reachable from other machines, and no "
                     "--api-key is set: anyone who can reach port %s can run your "
@@ -182,21 +187,18 @@ def wsgi_app(environ: Mapping[str, str]) -> Flask:
 
 
 def post_worker_init(worker: Any) -> None:
-    """SIGTERM (and, in serve, SIGINT): /healthz says draining, in-flight runs finish, then die."""
+    """SIGTERM (and, in serve, SIGINT): keep answering (503 to new invocations and to
+    /healthz) until the runs in flight are done or killed, then exit (drain.py)."""
     state = get_state(worker.wsgi)
     stop_gracefully = worker.handle_exit
 
+    # gunicorn's handle_exit stops accepting at once: only once drained, unless the
+    # arbiter is not stopping (a reload: the new worker accepts)
+    draining = Drain(state, lambda: stop_gracefully(signal.SIGTERM, None))
+
     def drain(signum: int, frame: Any) -> None:
-        if not state.draining:
-            state.draining = True
-            # the arbiter SIGKILLs us a second after --graceful-timeout: kill the
-            # functions first, so their requests get an answer and no group outlives us
-            timer = threading.Timer(state.config.graceful_timeout, state.executor.kill_all)
-            timer.daemon = True
-            timer.start()
-            if state.started_queue is not None:
-                state.started_queue.drain()
-        stop_gracefully(signum, frame)
+        # the arbiter never sends SIGINT: that one comes from a user, to stop
+        draining.start(keep_accepting=signum == signal.SIGINT or server_stopping())
 
     signal.signal(signal.SIGTERM, drain)
     # descendants that escape their function's process group come back to this worker
@@ -215,6 +217,7 @@ def worker_exit(server: Any, worker: Any) -> None:
     app = getattr(worker, "wsgi", None)
     if isinstance(app, Flask) and "fnserve" in app.extensions:
         service = get_state(app)
+        service.draining = True  # a run killed now is the shutdown's doing: 503, not 499
         if service.started_queue is not None:  # running jobs get the rest of the grace
             service.started_queue.close()
         service.executor.shutdown()

@@ -56,6 +56,28 @@ class InvocationRequest:
     received_at: float = field(default_factory=time.monotonic)
 
 
+class Slot:
+    """An admission taken before the event is read (a large upload, app.py), so a
+    request that will be refused 429 does not cost its upload. Hand it to
+    Service.invoke(), which then owns it; release() it if the invocation never comes
+    (the body turned out too large, not JSON, or the client went away): a slot
+    taken and released without a run is neither counted nor logged."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self._limiter = limiter
+        self._held = True
+
+    def hand_over(self) -> None:
+        if not self._held:
+            raise RuntimeError("this slot was already used or released")
+        self._held = False
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._limiter.release()
+
+
 # called once per finished invocation, with its duration in seconds (from admission)
 Listener = Callable[[InvocationRequest, Outcome, float], None]
 # waits for a submitted run, and may cancel it (the HTTP route watches its client)
@@ -116,18 +138,21 @@ class Service:
 
     # -- the two ways in ------------------------------------------------------------
 
-    def invoke(self, request: InvocationRequest, watch: Watch | None = None, *,
-               holding_slot: bool = False) -> Outcome:
+    def invoke(self, request: InvocationRequest, watch: Watch | None = None,
+               slot: Slot | None = None, *, holding_slot: bool = False) -> Outcome:
         """Run it now and answer: never raises for the function's or the limiter's sake.
 
+        With a `slot` from reserve(), admission was decided already and is not redone.
         holding_slot: the caller (the queue) already holds a limiter slot for it, taken
         with limiter.acquire_waiting(); it is released here like any other.
         """
-        try:
-            if not holding_slot:
+        if slot is not None:
+            slot.hand_over()
+        elif not holding_slot:
+            try:
                 self._admit(request)
-        except FnServeError as refusal:
-            return self._report(request, from_error(refusal, request.request_id), 0.0)
+            except FnServeError as refusal:
+                return self._report(request, from_error(refusal, request.request_id), 0.0)
         try:
             admitted, deadline = self._admitted(request)
             result: Result | None = None
@@ -142,6 +167,16 @@ class Service:
             return self._complete(request, admitted, deadline, result)
         finally:
             self.limiter.release()
+
+    def reserve(self, request: InvocationRequest) -> Slot | Outcome:
+        """Admission alone, before the event is read: a Slot for invoke(), or the
+        refusal (429, or 503 while draining), reported like invoke() reports it.
+        `request.event` is not looked at (the body has not been read)."""
+        try:
+            self._admit(request)
+        except FnServeError as refusal:
+            return self._report(request, from_error(refusal, request.request_id), 0.0)
+        return Slot(self.limiter)
 
     def enqueue(self, request: InvocationRequest, callback_url: str | None = None) -> None:
         """Queue it (SPEC §11); it runs later through invoke() with source "async".
@@ -203,6 +238,10 @@ class Service:
         if result is None:  # a fault of FnServe itself, logged with its traceback
             outcome = from_error(FnServeError(), request.request_id)
         else:
+            if result.outcome == "unavailable":  # the server is out of fds, memory
+                log.error("%s (the server is out of resources)", result.error,
+                          extra={"function": request.spec.name,
+                                 "request_id": request.request_id})
             outcome = from_result(result, request.spec, deadline=deadline,
                                   max_output=self.config.max_output, dev=self.config.dev,
                                   draining=self.draining)

@@ -23,8 +23,8 @@ from fnserve.gunicorn_internals import (
     SUPPORTED,
     DevArbiter,
     client_socket,
-    drain_on_sigint,
     master_children,
+    on_stop,
     worker_alive,
 )
 
@@ -113,8 +113,8 @@ def test_dev_arbiter_leaves_the_reload_wait_at_its_first_reap(
 
 
 def test_the_arbiter_looks_signal_handlers_up_by_name() -> None:
-    """drain_on_sigint replaces handle_int on the instance; that works only if the
-    signal loop finds the handler with getattr at each signal."""
+    """on_stop replaces handle_term and handle_int on the instance; that works only if
+    the signal loop finds the handler with getattr at each signal."""
     source = inspect.getsource(Arbiter)
     assert 'getattr(self, "handle_%s" % signame' in source
     assert callable(Arbiter.handle_int) and callable(Arbiter.handle_term)
@@ -127,8 +127,11 @@ def test_the_arbiter_looks_signal_handlers_up_by_name() -> None:
             return "int"
 
     arbiter = Bare()
-    drain_on_sigint(arbiter)
-    assert arbiter.handle_int() == "term"
+    stopping: list[bool] = []
+    on_stop(arbiter, lambda: stopping.append(True), sigint_too=True)
+    arbiter.handle_int()
+    arbiter.handle_term()
+    assert stopping == [True, True]
 
 
 def test_workers_have_an_alive_flag_cleared_on_exit() -> None:

@@ -372,7 +372,7 @@ def test_the_key_is_compared_with_compare_digest_on_equal_length_bytes(
     of the same length (compare_digest returns at once on different lengths)."""
     import hmac
 
-    from fnserve import auth
+    from fnserve import credentials
     from fnserve.app import create_app
     from fnserve.config import load_config
 
@@ -383,7 +383,7 @@ def test_the_key_is_compared_with_compare_digest_on_equal_length_bytes(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(auth.hmac, "compare_digest", recording)
+    monkeypatch.setattr(credentials.hmac, "compare_digest", recording)
     directory = Path(__file__).parent.parent / "samples"
     app = create_app(load_config(directory, {"api_key": KEY}, {}))
     client = app.test_client()

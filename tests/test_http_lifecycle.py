@@ -125,9 +125,13 @@ def test_run_longer_than_graceful_timeout_is_killed_at_shutdown(tmp_path: Path) 
         assert len(pids) == 2
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
+        # killed at the graceful timeout (2 s of slack for a busy machine)
+        assert wait_until(lambda: all(process_gone(pid) for pid in pids), 15)
+        assert time.monotonic() - signalled < 2 + 2
         assert server.proc.wait(timeout=15) == 0
-        assert time.monotonic() - signalled < 2 + 2  # graceful timeout, plus the exit itself
-        assert all(process_gone(pid) for pid in pids)
+        # the exit: the worker stops accepting only after the kill, then keeps its idle
+        # kept-alive connections up to 2 s (drain.py)
+        assert time.monotonic() - signalled < 2 + 2 + 2
         thread.join(10)
         # the client still got an answer: the server killed it, not the function's fault
         assert len(answer) == 1 and isinstance(answer[0], requests.Response), answer

@@ -16,6 +16,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from ..callbacks import check_callback_url
 from ..context import forwarded_env, request_id_from, tracing_from
+from ..credentials import without_server_key
 from ..errors import INVOKE_METHODS, FnServeError, InvalidJSON, MethodNotAllowed, NotFound
 from ..outcome import from_error, parse_json
 from ..service import InvocationRequest, Service, log_invocation
@@ -61,7 +62,9 @@ def enqueue(name: str) -> Any:
         service.queue.enqueue(InvocationRequest(
             spec, event, g.request_id, g.tracing,
             parameters={key: request.args[key] for key in request.args},
-            forwarded=forwarded_env(request.headers.get, config.forward_headers),
+            forwarded=without_server_key(  # the server's key is not the function's
+                forwarded_env(request.headers.get, config.forward_headers),
+                config.api_key or ""),
             source="async", method=request.method), callback_url)
     except FnServeError as refusal:
         # one log line for a refused job, like a refused /function call; an accepted

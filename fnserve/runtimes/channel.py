@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,7 +82,8 @@ class Exchange:
 
     def __init__(self, channel_fd: int, pidfd: int, output_fds: tuple[int, int],
                  logs: tuple[LineLog | None, LineLog | None], deadline: float,
-                 max_output: int, wake_fd: int = -1, hangup_fd: int = -1) -> None:
+                 max_output: int, wake_fd: int = -1, hangup_fd: int = -1,
+                 client_gone: Callable[[int], bool] | None = None) -> None:
         self.channel_fd = channel_fd
         self.pidfd = pidfd
         self.out_fd, self.err_fd = output_fds
@@ -90,6 +92,7 @@ class Exchange:
         self.max_output = max_output
         self.wake_fd = wake_fd
         self.hangup_fd = hangup_fd  # the client's socket: its hangup is a cancel
+        self.client_gone = client_gone  # ... if this says so (a half-close is not)
         self.buffer = bytearray()
         self.expected = -1
         self.exited = False
@@ -138,8 +141,12 @@ class Exchange:
                     reply = self._reply()
                     self.drain_output()
                     return (None, reply) if reply is not None else ("exited", None)
-                elif fd == self.wake_fd or fd == self.hangup_fd:
+                elif fd == self.wake_fd:
                     return "cancelled", None
+                elif fd == self.hangup_fd:
+                    if self.client_gone is None or self.client_gone(mask):
+                        return "cancelled", None
+                    poller.modify(fd, 0)  # half-closed: from now on only a reset wakes us
                 elif not self._read_output(fd):
                     poller.unregister(fd)
 
@@ -222,7 +229,7 @@ class Booted:
         cap = job.invocation.max_output if max_output is None else max_output
         return Exchange(self.channel.fileno(), self.pidfd, (self.out_fd, self.err_fd),
                         (job.stdout, job.stderr), job.deadline, cap, wake_fd,
-                        job.run.hangup_fd).run(request)
+                        job.run.hangup_fd, job.run.client_gone).run(request)
 
     def alive(self) -> bool:
         return not readable(self.pidfd, 0.0)

@@ -258,7 +258,7 @@ class _Child:
 
         return Exchange(self.channel.fileno(), self.pidfd, (self.out_fd, self.err_fd),
                         (job.stdout, job.stderr), job.deadline, job.invocation.max_output,
-                        wake_fd, job.run.hangup_fd).run(request_frame(job))
+                        wake_fd, job.run.hangup_fd, job.run.client_gone).run(request_frame(job))
 
     def close(self) -> None:
         self.channel.close()
