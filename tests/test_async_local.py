@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
 import json
 import signal
 from pathlib import Path
@@ -218,10 +217,6 @@ def test_jobs_waiting_at_shutdown_are_counted_as_lost(functions: Path, tmp_path:
     assert stopped["level"] == "WARNING"
 
 
-LAMBDA_ROUTES = importlib.util.find_spec("fnserve.api.lambda_") is not None
-
-
-@pytest.mark.skipif(not LAMBDA_ROUTES, reason="the Lambda API (issue 10) is not on this branch")
 def test_a_lambda_event_goes_through_the_queue(functions: Path) -> None:
     with running(LiveServer(functions)) as server:
         response = server.post("/2015-03-31/functions/hello/invocations",

@@ -22,11 +22,9 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-webdriver = pytest.importorskip("selenium.webdriver")
-if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)",
-                allow_module_level=True)
-
+# selenium comes with the test extra; a missing browser skips each test (never the
+# module, whose tests would then not be collected, so CI could not see the skip)
+from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -44,6 +42,9 @@ HELLO = """
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     from selenium.webdriver.chrome.service import Service
+
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)")
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
