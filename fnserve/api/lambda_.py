@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hmac
 import json
 import logging
 import time
@@ -31,6 +30,7 @@ from werkzeug.exceptions import HTTPException
 from ..app import _read_body, _wait, get_state
 from ..config import Config
 from ..context import forwarded_env, request_id_from, tracing_from
+from ..credentials import same_key, without_server_key
 from ..errors import FnServeError, NotFound, PayloadTooLarge
 from ..outcome import Outcome, from_error, parse_json
 from ..registry import FunctionSpec
@@ -78,8 +78,7 @@ def _service() -> Service:
 def _key_header_ok(config: Config) -> bool:
     given = request.headers.get("X-API-Key")
     assert config.api_key is not None
-    return given is not None and hmac.compare_digest(
-        given.encode("utf-8", "surrogateescape"), config.api_key.encode("utf-8", "surrogateescape"))
+    return given is not None and same_key(given, config.api_key)
 
 
 def _check_auth_headers(config: Config) -> bool:
@@ -128,18 +127,10 @@ def _authenticated_body(config: Config) -> bytes:
 def _forwarded(config: Config) -> dict[str, str]:
     """The forwarded headers, less any credential (SPEC §2): an AWS signature never
     reaches the function, nor the server's key."""
-    env = forwarded_env(request.headers.get, config.forward_headers)
-    authorization = request.headers.get("Authorization")
-    if sigv4.is_signed(authorization):
+    env = without_server_key(forwarded_env(request.headers.get, config.forward_headers),
+                             config.api_key or "")
+    if sigv4.is_signed(request.headers.get("Authorization")):
         env.pop("HTTP_AUTHORIZATION", None)
-    if config.api_key:
-        if _key_header_ok(config):
-            env.pop("HTTP_X_API_KEY", None)
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-                token.strip().encode("utf-8", "surrogateescape"),
-                config.api_key.encode("utf-8", "surrogateescape")):
-            env.pop("HTTP_AUTHORIZATION", None)
     return env
 
 
