@@ -41,7 +41,6 @@ BOOTSTRAP = Path(__file__).with_name("_bootstrap.py")
 READ_CHUNK = 256 * 1024
 
 _POLL_IN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
-_POLL_OUT = select.POLLOUT | select.POLLHUP | select.POLLERR
 
 
 @dataclass(frozen=True)
