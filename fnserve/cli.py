@@ -251,7 +251,8 @@ def exit_with_result(name: str, result: Result,
         click.echo(f"fnserve: {name} wrote more than the output limit of "
                    f"{format_size(max_output)} (--max-output); it was killed", err=True)
         sys.exit(EXIT_FAILED)
-    if result.outcome in ("build_failed", "unavailable"):  # unavailable: out of fds, memory
+    # init_failed: a fork/warm module that does not import; unavailable: out of fds, memory
+    if result.outcome in ("build_failed", "init_failed", "unavailable"):
         click.echo(f"fnserve: {result.error}", err=True)
         sys.exit(EXIT_FAILED)
     if result.error:

@@ -269,10 +269,31 @@ def handler(event, context):
                 "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}
     if action == "read":
         return {path: attempt(lambda path=path: read(path)) for path in event["paths"]}
+    if action == "tmp":
+        before = sorted(os.listdir("/tmp"))
+        with open("/tmp/" + event["mark"], "w") as handle:
+            handle.write("written by the function\n")
+        return {"before": before, "home": os.environ.get("HOME")}
     if action == "grandchild":
         subprocess.Popen(["/bin/sh", "-c", "sleep 300; : " + event["mark"]],
                          start_new_session=True, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
         time.sleep(300)
+    if action == "hold":  # a secret in memory, and a marked child to be found by
+        secret = event["secret"]
+        subprocess.run(["/bin/sh", "-c", "sleep " + str(event["seconds"]) + "; : " + event["mark"]])
+        return len(secret)
+    if action == "peek":  # every other process's memory and environment, as far as it can
+        own = int(os.readlink("/proc/self"))  # as this /proc numbers it
+        found = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) != own:
+                found[name] = {
+                    part: attempt(lambda part=part: open(f"/proc/{name}/{part}", "rb").close())
+                    for part in ("mem", "environ")}
+                found[name]["cmdline"] = attempt(lambda: read(f"/proc/{name}/cmdline"))
+                found[name]["ppid"] = attempt(
+                    lambda: int(read(f"/proc/{name}/stat").rsplit(")", 1)[1].split()[1]))
+        return found
     return "unknown action"
 '''

@@ -595,6 +595,12 @@ def test_fnserve_run_and_list_honour_the_mode(fn_dir: Path, environ: dict[str, s
     write_function(fn_dir, "counter.py", "def handler(e, c):\n    return e\n")
     warm = fnserve_cli("run", "counter", "--dir", str(fn_dir), "--data", '"hi"', env=environ)
     assert (warm.returncode, warm.stdout) == (0, b'"hi"'), warm.stderr
+    for mode in MODES:  # a module that does not import: a failure, said in one line
+        write_toml(fn_dir, f'[functions.counter]\nmode = "{mode}"\n')
+        write_function(fn_dir, "counter.py", "raise ValueError('no import')\n")
+        broken = fnserve_cli("run", "counter", "--dir", str(fn_dir), env=environ)
+        assert (broken.returncode, broken.stdout) == (1, b""), broken
+        assert broken.stderr.decode().splitlines()[-1] == "fnserve: ValueError: no import"
 
 
 def test_warm_handler_changing_os_environ_does_not_leak_into_the_next_call(

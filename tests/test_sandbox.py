@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from fnserve.registry import Settings, load_registry
+from fnserve.runtimes.channel import BOOTSTRAP
 from fnserve.sandbox import exit_status, sandbox_argv
 from tests.helpers import fnserve_cli, wait_until, write_function, write_toml
 from tests.live import LiveServer, assert_serving, running, the_worker
@@ -82,6 +83,7 @@ def _write_functions(fn_dir: Path, data: Path) -> None:
     write_function(fn_dir, "ok.py", "print('ok')")
     for mode in MODES:
         write_function(fn_dir, f"{mode}attack.py", ATTACK_HANDLER, dedent=False)
+    write_function(fn_dir, "forkopen.py", ATTACK_HANDLER, dedent=False)
     write_function(fn_dir, "other/main.py", f"print('{OTHER_SECRET}')")
     write_function(fn_dir, "_shared.py", f"MARK = '{SHARED_MARK}'\n")
     write_toml(fn_dir, f"""
@@ -112,6 +114,9 @@ def _write_functions(fn_dir: Path, data: Path) -> None:
         [functions.forkattack]
         mode = "fork"
         timeout = "3s"
+        [functions.forkopen]
+        mode = "fork"
+        isolation = "none"
         [functions.warmattack]
         mode = "warm"
         pool = 1
@@ -278,13 +283,57 @@ def test_no_network_unless_asked(setup: Setup, lang: str) -> None:
         assert _connections(listener) == 1
 
 
-@pytest.mark.parametrize("lang", LANGUAGES)
-def test_tmp_is_private_to_each_invocation(setup: Setup, lang: str) -> None:
+# process mode (Python, Go) and fork mode: a sandbox per invocation, or walls per forked
+# invocation inside the fork server's sandbox (SPEC §12). Not warm: one process serves
+# many invocations there.
+PER_INVOCATION = ("attack", "goattack", "forkattack")
+
+
+@pytest.mark.parametrize("function", PER_INVOCATION)
+def test_tmp_is_private_to_each_invocation(setup: Setup, function: str) -> None:
     first, second = f"mark-{uuid.uuid4().hex}", f"mark-{uuid.uuid4().hex}"
-    one = setup.call(attack(lang), {"action": "tmp", "mark": first})
-    two = setup.call(attack(lang), {"action": "tmp", "mark": second})
+    one = setup.call(function, {"action": "tmp", "mark": first})
+    two = setup.call(function, {"action": "tmp", "mark": second})
     assert one["home"] == "/tmp" and first not in two["before"], (one, two)
     assert not Path("/tmp", first).exists() and not Path("/tmp", second).exists()
+    if function == "forkattack":  # the same calls without walls: the second sees the first
+        one = setup.call("forkopen", {"action": "tmp", "mark": first})
+        two = setup.call("forkopen", {"action": "tmp", "mark": second})
+        for mark in (first, second):
+            Path("/tmp", mark).unlink()
+        assert first in two["before"], two
+
+
+def _peek_while_held(setup: Setup, function: str) -> tuple[dict[str, Any], list[str]]:
+    """What an invocation of `function` can open of the others' /proc while another
+    invocation of it holds a secret; and the holder's pids as that /proc numbers them."""
+    mark, secret = f"hold-{uuid.uuid4().hex}", f"secret-{uuid.uuid4().hex}"
+    with ThreadPoolExecutor(1) as pool:
+        holding = pool.submit(setup.call, function, {"action": "hold", "secret": secret,
+                                                     "seconds": 2.5, "mark": mark})
+        assert wait_until(lambda: _marked(mark), timeout=10), "the holder never started"
+        report = setup.call(function, {"action": "peek"})
+        assert holding.result(timeout=30) == len(secret)
+    assert secret not in json.dumps(report) or function == "forkopen"
+    sleeper = [pid for pid, row in report.items()
+               if row["cmdline"]["ok"] and mark in row["cmdline"]["value"]]
+    assert len(sleeper) == 1, sleeper
+    return report, [sleeper[0], str(report[sleeper[0]]["ppid"]["value"])]
+
+
+def test_forked_invocations_cannot_reach_each_other(setup: Setup) -> None:
+    # fork mode: each invocation has a user namespace of its own, so it cannot open the
+    # memory or environment of another invocation of the same function (same uid, same
+    # sandbox), of what that one ran, or of the fork server, whose memory would reach every
+    # invocation after it. It does see them in /proc (docs/reliability.md)
+    report, holder = _peek_while_held(setup, "forkattack")
+    opened = {pid: row["cmdline"].get("value", "")[:80] for pid, row in report.items()
+              if pid != "1" and (row["mem"]["ok"] or row["environ"]["ok"])}
+    assert not opened, opened
+    assert all(pid in report for pid in holder)
+    # without the walls, the same peek opens the holder's memory
+    report, holder = _peek_while_held(setup, "forkopen")
+    assert report[holder[1]]["mem"]["ok"], report[holder[1]]
 
 
 @pytest.mark.parametrize("lang", LANGUAGES)
@@ -307,12 +356,53 @@ def _marked(mark: str) -> list[psutil.Process]:
     return found
 
 
-@pytest.mark.parametrize("lang", LANGUAGES)
-def test_deadline_kills_a_setsid_grandchild(setup: Setup, lang: str) -> None:
+def _bootstraps(setup: Setup, function: str) -> list[psutil.Process]:
+    """The fork server or pool processes of `function`, and all they forked."""
+    entry = str(setup.fn_dir / f"{function}.py")
+    found = []
+    for process in setup.server.function_processes():
+        try:
+            cmdline = process.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if cmdline[1:2] == [str(BOOTSTRAP)] and entry in cmdline:
+            found.append(process)
+    return found
+
+
+def _per_call(setup: Setup) -> list[psutil.Process]:
+    """The server's function processes but the fork servers and pool processes (and,
+    since they run the bootstrap too, what a fork server forked)."""
+    found = []
+    for process in setup.server.function_processes():
+        try:
+            if str(BOOTSTRAP) not in process.cmdline():
+                found.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    alive = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.parametrize("function", ["slowattack", "goslowattack", *(f"{m}attack" for m in MODES)])
+def test_deadline_kills_a_setsid_grandchild(setup: Setup, function: str) -> None:
+    # process mode: the deadline kills bwrap, whose namespace dies with it; fork: the
+    # forked invocation's own PID namespace dies with its PID 1; warm: the pool process's
+    # sandbox dies with it
     mark = f"grandchild-{uuid.uuid4().hex}"
-    function = attack(lang, "slowattack")
-    if lang == "go":  # built before the clock starts, so the grandchild is surely seen
-        assert setup.server.post(f"/function/{function}", json={"action": "whoami"}).ok
+    # built, or its fork server or pool process started, before the clock runs
+    assert setup.call(function, {"action": "whoami"})["uid"] == 65534
+    before = _bootstraps(setup, function)
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(setup.server.post, f"/function/{function}",
                               json={"action": "grandchild", "mark": mark})
@@ -321,7 +411,13 @@ def test_deadline_kills_a_setsid_grandchild(setup: Setup, lang: str) -> None:
     assert response.status_code == 504, response.text
     assert response.json()["code"] == "timeout"
     assert wait_until(lambda: not _marked(mark), timeout=10), _marked(mark)
-    assert not setup.server.function_processes()
+    if function.startswith("fork"):  # the fork server lives on; the child that took the call
+        assert len(before) == 3, before  # does not: the fork server, its spare's C and G
+        assert wait_until(lambda: len(_alive(before)) == 1, timeout=10), _alive(before)
+    else:
+        assert wait_until(lambda: not _alive(before), timeout=10), _alive(before)
+    assert wait_until(lambda: not _per_call(setup), timeout=10), _per_call(setup)
+    assert setup.call(function, {"action": "whoami"})["uid"] == 65534  # and it serves on
 
 
 # -- limits and failures behave as without the sandbox -------------------------------------
@@ -344,7 +440,7 @@ def test_memory_limit_applies_inside(setup: Setup, lang: str) -> None:
 def test_output_cap_applies_inside(setup: Setup) -> None:
     response = setup.server.post("/function/attack", json={"action": "flood"})
     assert response.status_code == 502 and response.json()["code"] == "output_too_large"
-    assert wait_until(lambda: not setup.server.function_processes(), timeout=10)
+    assert wait_until(lambda: not _per_call(setup), timeout=10), _per_call(setup)
 
 
 def test_a_signal_is_reported_as_a_signal(setup: Setup) -> None:
@@ -580,6 +676,27 @@ def test_a_bwrap_that_cannot_sandbox_is_a_startup_error(fn_dir: Path, tmp_path: 
 # -- fork and warm modes: the fork server or pool process starts inside -------------------
 
 
+def test_fork_mode_without_nested_user_namespaces_fails_to_start(fn_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    # fork mode walls each invocation off with namespaces of its own, made inside the
+    # sandbox; a bwrap that forbids them (as `--disable-userns` does) fails the start of
+    # the fork server, with the reason, never runs invocations without those walls
+    assert BWRAP is not None
+    fake = write_function(tmp_path, "bin/bwrap",
+                          f'#!/bin/sh\nexec {BWRAP} --disable-userns "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}")
+    write_function(fn_dir, "forky.py", "def handler(event, context):\n    return 'walled'\n")
+    write_toml(fn_dir, '[functions.forky]\nmode = "fork"\nisolation = "sandbox"\n')
+    ran = fnserve_cli("run", "forky", "--dir", str(fn_dir), env=env)
+    assert ran.returncode != 0 and ran.stdout == b"", ran
+    assert "needs nested user namespaces" in ran.stderr.decode(), ran.stderr
+    assert "Traceback" not in ran.stderr.decode()
+    ran = fnserve_cli("run", "forky", "--dir", str(fn_dir), env=os.environ)  # the real bwrap
+    assert (ran.returncode, ran.stdout) == (0, b'"walled"'), ran.stderr
+
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_fork_and_warm_run_inside_the_sandbox(setup: Setup, mode: str) -> None:
     function = f"{mode}attack"
@@ -593,20 +710,3 @@ def test_fork_and_warm_run_inside_the_sandbox(setup: Setup, mode: str) -> None:
     assert not report[path]["ok"] and SECRET not in json.dumps(report)
     rows = {row["name"]: row for row in setup.server.get("/functions").json()["functions"]}
     assert (rows[function]["mode"], rows[function]["isolation"]) == (mode, "sandbox")
-
-
-def test_warm_deadline_kills_a_setsid_grandchild(setup: Setup) -> None:
-    # warm: the deadline kills the pool process, i.e. its bwrap, i.e. the namespace. Not
-    # fork: there the deadline kills the forked child's group, and a setsid() grandchild
-    # lives on in the fork server's namespace until that ends (docs/reliability.md)
-    mark = f"warm-grandchild-{uuid.uuid4().hex}"
-    function = "warmattack"
-    assert setup.call(function, {"action": "whoami"})  # started before the clock runs
-    with ThreadPoolExecutor(1) as pool:
-        waiting = pool.submit(setup.server.post, f"/function/{function}",
-                              json={"action": "grandchild", "mark": mark})
-        assert wait_until(lambda: _marked(mark), timeout=10), "the grandchild never started"
-        response = waiting.result(timeout=30)
-    assert response.status_code == 504, response.text
-    assert wait_until(lambda: not _marked(mark), timeout=10), _marked(mark)
-    assert setup.call(function, {"action": "whoami"})["uid"] == 65534  # and it serves on

@@ -1,6 +1,6 @@
 """Runs INSIDE the function's interpreter, for the fork and warm modes (SPEC §8).
 
-Started by the server as `<python> _bootstrap.py MODE ENTRY HANDLER MEMORY PARENT FD` (by
+Started by the server as `<python> _bootstrap.py MODE ENTRY HANDLER MEMORY PARENT FD WALLS` (by
 path, so it works under any interpreter the function names with `python = ...`, which
 need not have fnserve installed). It imports nothing of fnserve: the frame layout
 below is repeated in fnserve/runtimes/channel.py, which is the worker's side.
@@ -15,6 +15,8 @@ It imports the function's module once (not as __main__) and then:
   the handler on that channel and exits. Its pid goes back to the worker, which
   watches it with a pidfd; the child is reaped only when the worker says "W"
   (after its group kill), so its pid and group id cannot be reused under a kill.
+  With WALLS = "walled" (a sandboxed function, SPEC §12) each invocation gets
+  walls of its own inside the sandbox: see WalledChild.
 
 The handler's prints go to fd 1 and 2 (pipes the worker logs line by line), never
 into the response frame.
@@ -44,6 +46,14 @@ FORK_REPLY = struct.Struct(">i")  # the child's pid (ours), or -errno; + its pid
 REAP = struct.Struct(">i")
 REAP_REPLY = struct.Struct(">iQ")  # wait status, max RSS (KiB)
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+MS_NOSUID, MS_NODEV = 0x2, 0x4
+CAP_VERSION_3 = 0x20080522
+SPARE_READY = b"R"
+SPARE_FAILED = b"E"
 REAP_INTERVAL_MS = 20  # how often a fork server looks for killed children to reap
 
 
@@ -165,6 +175,15 @@ class Function:
         self._snapshot = dict(data) if data is not None else None
 
 
+def _walls_failure() -> bytes:
+    message = ("a sandboxed function in fork mode needs nested user namespaces, to give "
+               "each invocation its own /tmp and PID namespace; this machine refuses them "
+               "(see the lines above)")
+    print(message, file=sys.stderr)
+    return json.dumps({"error_type": "SandboxUnavailable", "error_message": message,
+                       "stack_trace": []}).encode()
+
+
 def _error_payload(exc: BaseException, frames: Any) -> bytes:
     return json.dumps({"error_type": type(exc).__name__, "error_message": str(exc),
                        "stack_trace": list(frames)}).encode()
@@ -212,7 +231,24 @@ def serve_one(function: Function, channel: socket.socket) -> bool:
     return True
 
 
-_prctl: Any = None
+def serve_on(function: Function, fds: list[int]) -> None:
+    """A forked child's one invocation, on the descriptors the worker passed."""
+    channel_fd, out_fd, err_fd = fds
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    with socket.socket(fileno=channel_fd) as channel:
+        serve_one(function, channel)
+
+
+_libc: Any = None
+
+
+def _c_library() -> Any:
+    """libc, loaded once in the fork server, before its children inherit it."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
 
 
 def _die_with_parent(parent: int | None) -> None:
@@ -221,11 +257,8 @@ def _die_with_parent(parent: int | None) -> None:
     `parent`, when known, closes the window before the prctl. A bootstrap's own
     parent may be a wrapper in another PID namespace (bwrap): no check there; its
     channel closing (EOF) ends it too."""
-    global _prctl
     try:
-        if _prctl is None:  # loaded once in the fork server, before its children inherit it
-            _prctl = ctypes.CDLL(None, use_errno=True).prctl
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _c_library().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         return
     if parent is not None and os.getppid() != parent:  # it died before the prctl
@@ -240,11 +273,14 @@ def run_warm(function: Function, channel: socket.socket) -> None:
 class ForkServer:
     """Single-threaded: forks one child per "F" message, reaps one per "W" message."""
 
-    def __init__(self, function: Function, control: socket.socket) -> None:
+    def __init__(self, function: Function, control: socket.socket, walled: bool = False) -> None:
         self.function = function
         self.control = control
         self.children: set[int] = set()
         self.reapable: set[int] = set()  # group killed by the worker: reap once exited
+        self.walled = walled
+        # walled: the next invocation's child, made ahead (-errno: making it failed)
+        self.spare: WalledChild | int | None = None
 
     def run(self) -> None:
         # quiet from here: the children get their own fd 1 and 2; our own pipes are done
@@ -268,8 +304,10 @@ class ForkServer:
                 self.stop()
                 return
             if message[:1] == b"F" and len(fds) == 3:
-                pid = self.fork(fds)
+                pid = self.hand_over(fds) if self.walled else self.fork(fds)
                 self.send_fork_reply(pid)
+                if self.walled and self.spare is None:  # after the reply: off its path
+                    self.spare = WalledChild.make(self)
                 continue
             for fd in fds:
                 os.close(fd)
@@ -282,7 +320,6 @@ class ForkServer:
                     self.reapable.add(pid)
 
     def fork(self, fds: list[int]) -> int:
-        channel_fd, out_fd, err_fd = fds
         try:
             pid = os.fork()
         except OSError as exc:
@@ -293,10 +330,7 @@ class ForkServer:
                 os.setsid()
                 self.control.close()
                 _die_with_parent(os.getppid())
-                os.dup2(out_fd, 1)
-                os.dup2(err_fd, 2)
-                with socket.socket(fileno=channel_fd) as channel:
-                    serve_one(self.function, channel)
+                serve_on(self.function, fds)
             except BaseException:  # nothing may escape into a copy of the server's loop
                 code = 70
             finally:
@@ -304,6 +338,22 @@ class ForkServer:
                 os._exit(code)
         for fd in fds:
             os.close(fd)
+        if pid > 0:
+            self.children.add(pid)
+        return pid
+
+    def hand_over(self, fds: list[int]) -> int:
+        """Walled: the spare child takes the invocation (one made now if there is none)."""
+        spare, self.spare = self.spare, None
+        try:
+            if not isinstance(spare, WalledChild):  # none, or the last one failed: try now
+                spare = WalledChild.make(self)
+            if isinstance(spare, int):  # -errno: it could not be made
+                return spare
+            pid = spare.take(fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
         if pid > 0:
             self.children.add(pid)
         return pid
@@ -340,6 +390,8 @@ class ForkServer:
         return REAP_REPLY.pack(status, int(usage.ru_maxrss))
 
     def stop(self) -> None:
+        if isinstance(self.spare, WalledChild) and self.spare.failure is None:
+            self.spare.discard()
         for pid in self.children:
             try:
                 os.killpg(pid, signal.SIGKILL)
@@ -349,20 +401,219 @@ class ForkServer:
             os.waitpid(pid, 0)
 
 
+class WalledChild:
+    """A sandboxed function's forked invocation, with walls of its own (SPEC §12).
+
+    The fork server's sandbox (bwrap) walls the function off from the server; these
+    wall one invocation off from the next, as process mode's one sandbox per call
+    does. The child (C) unshares a user, mount and PID namespace, maps its own uid
+    and gid, mounts a fresh tmpfs on /tmp, drops every capability and forks the
+    process that runs the handler (G): PID 1 of its namespace. When G dies, the
+    kernel kills everything left in its namespace, `setsid()` escapees included; the
+    worker's group kill of C (its pidfd, its group) reaches G, which shares that
+    group. C waits for G and ends as G did, so the worker's reading of the exit
+    status and of the peak RSS (wait4 counts reaped children) is unchanged.
+    Another invocation of the same function is the same uid, but in a sibling user
+    namespace, and the kernel lets a process read or trace another's memory only in
+    its own user namespace (or with CAP_SYS_PTRACE over the other's): the two cannot
+    reach each other's memory or environment, nor the fork server's. Neither G nor
+    the fork server is dumpable either, a second lock on the same door.
+
+    That costs two forks and three namespaces, about a millisecond here, so one
+    child is made ahead (the spare), waiting on its own socket for the invocation's
+    descriptors: an invocation pays only the hand-over. The fork server only forks
+    it; C makes the walls on its own time, and says when they are up (or why they
+    could not be) when asked for the first time.
+    """
+
+    def __init__(self, pid: int, hand: socket.socket) -> None:
+        self.pid = pid  # C: the fork server's child, the worker's pidfd and group
+        self.hand = hand
+        self.failure: str | None = None
+        self.confirmed = False
+
+    @classmethod
+    def make(cls, server: ForkServer) -> WalledChild | int:
+        """A walled child on its way; or -errno when it cannot be forked (the worker
+        answers as for a failed fork)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            return -(exc.errno or 1)
+        if pid == 0:
+            code = 70
+            try:
+                ours.close()
+                os.setsid()
+                server.control.close()
+                _die_with_parent(os.getppid())
+                code = _walled_child(server.function, theirs)
+            except BaseException:
+                pass
+            finally:
+                _flush_std()
+                os._exit(code)
+        theirs.close()
+        return cls(pid, ours)
+
+    def ready(self) -> bool:
+        """Wait for its walls; False (and the reason on stderr, then it is gone) when
+        they could not be made."""
+        if not self.confirmed:
+            self.confirmed = True
+            try:
+                answer = self.hand.recv(4096)
+            except OSError:
+                answer = b""
+            if answer != SPARE_READY:
+                self.failure = answer[1:].decode("utf-8", "replace") or "the child died"
+                print(f"fnserve: cannot wall off an invocation: {self.failure}",
+                      file=sys.__stderr__)
+                self.discard()
+        return self.failure is None
+
+    def take(self, fds: list[int]) -> int:
+        """Hand the invocation's descriptors over; C's pid, or -errno."""
+        if not self.ready():
+            return -1
+        try:
+            socket.send_fds(self.hand, [b"F"], fds)
+        except OSError as exc:
+            self.discard()
+            return -(exc.errno or 1)
+        self.hand.close()
+        return self.pid
+
+    def discard(self) -> None:
+        self.hand.close()
+        _kill_and_reap(self.pid)
+
+
+def _walled_child(function: Function, hand: socket.socket) -> int:
+    """C: make the walls, fork G into them, end as G ends. Returns C's exit code."""
+    try:
+        _unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID)
+        uid, gid = os.getuid(), os.getgid()  # as the parent namespace sees us: unchanged
+        _write_proc("setgroups", "deny")  # required before an unprivileged gid_map
+        _write_proc("uid_map", f"{uid} {uid} 1")
+        _write_proc("gid_map", f"{gid} {gid} 1")
+        _mount_tmpfs("/tmp")
+        _drop_capabilities()
+        child = os.fork()
+    except OSError as exc:
+        hand.send(SPARE_FAILED + f"{exc.strerror or exc} ({exc.filename or 'namespaces'})"
+                  .encode())
+        return 71
+    if child == 0:  # G, PID 1 of the new namespace
+        code = 0
+        try:
+            _c_library().prctl(PR_SET_DUMPABLE, 0)
+            _die_with_parent(None)
+            hand.send(SPARE_READY)
+            message, fds, _flags, _addr = socket.recv_fds(hand, 16, 3)
+            hand.close()
+            if message and len(fds) == 3:
+                serve_on(function, fds)
+            else:  # the fork server stopped before handing us an invocation
+                for fd in fds:
+                    os.close(fd)
+        except BaseException:
+            code = 70
+        finally:
+            _flush_std()
+            os._exit(code)
+    hand.close()
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):  # end as G did: the worker reports the signal
+        number = os.WTERMSIG(status)
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+        return 128 + number
+    return os.waitstatus_to_exitcode(status)
+
+
+def _unshare(flags: int) -> None:
+    if _c_library().unshare(flags) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno), "unshare")
+
+
+def _write_proc(name: str, text: str) -> None:
+    path = f"/proc/self/{name}"
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from None
+    finally:
+        os.close(fd)
+
+
+def _mount_tmpfs(path: str) -> None:
+    if _c_library().mount(b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
+                          b"mode=0755") != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno), f"mount tmpfs on {path}")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_capabilities() -> None:
+    """The new user namespace gave us every capability in it: keep none (with them, G
+    could unmount its private /tmp and find the fork server's underneath)."""
+    header = _CapHeader(CAP_VERSION_3, 0)
+    data = (_CapData * 2)()  # all zero
+    if _c_library().capset(ctypes.byref(header), data) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno), "capset")
+
+
+def _kill_and_reap(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
 def main(argv: list[str]) -> int:
-    mode, entry, handler_name, memory_mb, parent, channel_fd = argv[1:7]
+    mode, entry, handler_name, memory_mb, parent, channel_fd, walls = argv[1:8]
     del parent  # kept in the argv for `ps`: which worker started this process
     _die_with_parent(None)
     function = Function(entry, "" if handler_name == "-" else handler_name, int(memory_mb))
     channel = socket.socket(fileno=int(channel_fd))
     failure = function.load()
     _flush_std()
+    server = ForkServer(function, channel, walled=walls == "walled") if mode == "fork" else None
+    if failure is None and server is not None and server.walled:
+        # not dumpable: no invocation (the same uid, in the same sandbox) may ptrace us
+        # or write our memory through /proc, which would plant code in every invocation
+        # that follows (their own user namespaces already forbid it: see WalledChild)
+        _c_library().prctl(PR_SET_DUMPABLE, 0)
+        # the first spare before READY: walls that cannot be made fail the start, with
+        # the reason, rather than every invocation
+        server.spare = WalledChild.make(server)
+        if isinstance(server.spare, int) or not server.spare.ready():
+            failure = _walls_failure()
     if failure is not None:
         _send_response(channel, INIT_FAILED, failure)
         return 1
     _send_response(channel, READY, b"")
-    if mode == "fork":
-        ForkServer(function, channel).run()
+    if server is not None:
+        server.run()
     else:
         run_warm(function, channel)
     return 0

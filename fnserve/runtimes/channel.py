@@ -70,10 +70,11 @@ def request_frame(job: Job) -> bytes:
 
 
 def bootstrap_argv(python: str, mode: str, entry: Path, handler: str | None, memory: int | None,
-                   channel_fd: int) -> list[str]:
+                   channel_fd: int, walled: bool = False) -> list[str]:
+    """`walled`: a sandboxed fork server, whose invocations get walls of their own."""
     memory_mb = (memory or 0) // (1024 * 1024)
     return [python or sys.executable, str(BOOTSTRAP), mode, str(entry), handler or "-",
-            str(memory_mb), str(os.getpid()), str(channel_fd)]
+            str(memory_mb), str(os.getpid()), str(channel_fd), "walled" if walled else "-"]
 
 
 class Exchange:
@@ -266,8 +267,10 @@ def boot(job: Job, mode: str, wake_fd: int) -> tuple[Booted | None, Result | Non
     ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    walled = mode == "fork" and settings.sandboxed
     argv = job.process_argv(bootstrap_argv(settings.python or sys.executable, mode, spec.entry,
-                                           settings.handler, settings.memory, theirs.fileno()),
+                                           settings.handler, settings.memory, theirs.fileno(),
+                                           walled),
                             readable=(BOOTSTRAP,))  # in a sandbox, it must see the script
     # the function's own settings only: a request's forwarded headers must not stay in
     # the environment of the invocations that follow (each one sets its own)
