@@ -366,7 +366,13 @@ class Executor:
         stdout = LineLog(invocation, self.stdout_sink, self.stderr_log_limit, transcript)
         job = Job(invocation, context, invocation.deadline_at, run, stderr, stdout,
                   functools.partial(self.process_argv, spec=invocation.spec))
-        result = runner.run(job)
+        try:
+            result = runner.run(job)
+        except OSError as exc:  # no descriptors for the invocation's channel and pipes
+            if exc.errno not in SERVER_EXHAUSTED:
+                raise
+            result = Result("unavailable", context,
+                            error=f"cannot start {invocation.spec.name}: {exc.strerror}")
         stderr.close()
         stdout.close()
         tail = stderr.tail()

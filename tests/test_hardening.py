@@ -167,6 +167,39 @@ def test_spawn_failing_with_emfile_is_503_unavailable_not_the_functions_fault(
     assert lines == [(200, "ok"), (503, "unavailable"), (200, "ok")]
 
 
+@pytest.mark.parametrize("mode, when", [("fork", "start"), ("warm", "start"),
+                                        ("fork", "invocation")])
+def test_fork_and_warm_out_of_descriptors_is_503_unavailable(tmp_path: Path, mode: str,
+                                                              when: str) -> None:
+    # the same for a fork server or warm process that cannot be started, and for a
+    # forked invocation whose channel and pipes cannot be made
+    directory = tmp_path / "functions"
+    write_function(directory, "ok.py", 'print(\'{"fine": true}\')\n')
+    write_function(directory, "fast.py", "def handler(event, context):\n    return 'fast'\n")
+    write_toml(directory, f'[functions.fast]\nmode = "{mode}"\n')
+    with running(LiveServer(directory)) as server:
+        worker = the_worker(server)
+        soft, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            warm_up = "/function/fast" if when == "invocation" else "/function/ok"
+            assert _request(sock, warm_up)[0] == 200
+            before = _open_fds(worker.pid)
+            # room for the socketpair, not for the pipes after it
+            worker.rlimit(psutil.RLIMIT_NOFILE, (_limit_leaving(before, 2), hard))
+            try:
+                status, headers, body = _request(sock, "/function/fast")
+            finally:
+                worker.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+        assert (status, headers["retry-after"]) == (503, "1"), body
+        error = json.loads(body)
+        assert error["code"] == "unavailable" and "Too many open files" in error["error"]
+        assert wait_until(lambda: _open_fds(worker.pid) <= before, 5), (
+            _open_fds(worker.pid) - before)
+        assert server.post("/function/fast").json() == "fast"
+    lines = [(r["status"], r["outcome"]) for r in invocation_records(server.log_records())]
+    assert lines[-2:] == [(503, "unavailable"), (200, "ok")]
+
+
 # -- 4: a cancel after a clean exit ----------------------------------------------------
 
 

@@ -242,10 +242,7 @@ class Booted:
 
     def kill(self) -> int:
         """SIGKILL the whole group, reap, close; the wait status as Popen gives it."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(self.proc.pid)
         returncode = self.proc.wait()
         REAPER.release(self.proc.pid)
         self.close_output()
@@ -259,32 +256,43 @@ class Booted:
 def boot(job: Job, mode: str, wake_fd: int) -> tuple[Booted | None, Result | None]:
     """Start a bootstrap process for `job`'s function and wait for its module to load,
     logging what the import prints as `job`'s lines; (booted, None) or (None, why not)."""
-    from ..executor import Result
+    from ..executor import SERVER_EXHAUSTED, Result
 
     spec = job.invocation.spec
     settings = spec.settings
     kind = socket.SOCK_SEQPACKET if mode == "fork" else socket.SOCK_STREAM
-    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
     walled = mode == "fork" and settings.sandboxed
-    argv = job.process_argv(bootstrap_argv(settings.python or sys.executable, mode, spec.entry,
-                                           settings.handler, settings.memory, theirs.fileno(),
-                                           walled),
-                            readable=(BOOTSTRAP,))  # in a sandbox, it must see the script
     # the function's own settings only: a request's forwarded headers must not stay in
     # the environment of the invocations that follow (each one sets its own)
     env = {**job.invocation.base_env, **settings.env, "FN_FUNCTION": spec.name}
+    proc: subprocess.Popen[bytes] | None = None
     try:
+        ours, theirs, (out_r, out_w), (err_r, err_w) = channel_and_pipes(kind)
+    except OSError as exc:  # out of descriptors: nothing was started
+        return None, Result("unavailable", job.context,
+                            error=f"cannot start {spec.name}: {exc.strerror}")
+    try:
+        argv = job.process_argv(bootstrap_argv(settings.python or sys.executable, mode,
+                                               spec.entry, settings.handler, settings.memory,
+                                               theirs.fileno(), walled),
+                                readable=(BOOTSTRAP,))  # in a sandbox, it must see the script
         with REAPER.spawning():  # a child we wait for: never an orphan to the reaper
             proc = subprocess.Popen(argv, cwd=spec.cwd, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out_w, stderr=err_w, pass_fds=(theirs.fileno(),),
                                     start_new_session=True)
             REAPER.adopt(proc.pid)
+        pidfd = os.pidfd_open(proc.pid)
     except OSError as exc:
         ours.close()
         for fd in (out_r, err_r):
             os.close(fd)
+        if proc is not None:  # started, but we cannot watch it (no pidfd): it goes
+            _kill_group(proc.pid)
+            proc.wait()
+            REAPER.release(proc.pid)
+        if exc.errno in SERVER_EXHAUSTED:  # the server's own trouble, not the function's
+            return None, Result("unavailable", job.context,
+                                error=f"cannot start {spec.name}: {exc.strerror}")
         return None, Result("init_failed", job.context, exit_code=127,
                             error=f"cannot start {spec.name}: {exc.strerror}",
                             error_type=type(exc).__name__, error_message=str(exc.strerror))
@@ -294,7 +302,7 @@ def boot(job: Job, mode: str, wake_fd: int) -> tuple[Booted | None, Result | Non
         os.close(err_w)
     for fd in (ours.fileno(), out_r, err_r):
         os.set_blocking(fd, False)
-    booted = Booted(proc, ours, os.pidfd_open(proc.pid), out_r, err_r)
+    booted = Booted(proc, ours, pidfd, out_r, err_r)
     started = time.monotonic()
     why, reply = booted.exchange(job, wake_fd, max_output=1024 * 1024)
     if why is None and reply is not None and reply.kind == READY:
@@ -309,6 +317,33 @@ def boot(job: Job, mode: str, wake_fd: int) -> tuple[Booted | None, Result | Non
                          f"({describe_status(returncode)})"}
     return None, Result("init_failed", job.context, duration=duration,
                         error=f"{fields['error_type']}: {fields['error_message']}", **fields)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def channel_and_pipes(kind: int = socket.SOCK_STREAM
+                      ) -> tuple[socket.socket, socket.socket, tuple[int, int], tuple[int, int]]:
+    """A socketpair (ours, theirs) and two pipes (stdout, stderr: read end, write end);
+    all of them, or an OSError (EMFILE...) with none left open."""
+    made: list[int] = []
+    pair: tuple[socket.socket, socket.socket] | None = None
+    try:
+        pair = socket.socketpair(socket.AF_UNIX, kind)
+        out = os.pipe()
+        made += out
+        err = os.pipe()
+    except OSError:
+        for fd in made:
+            os.close(fd)
+        for sock in pair or ():
+            sock.close()
+        raise
+    return pair[0], pair[1], out, err
 
 
 def readable(fd: int, timeout: float) -> bool:

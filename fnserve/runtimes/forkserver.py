@@ -28,6 +28,7 @@ from .channel import (
     Reply,
     attach_cancel,
     boot,
+    channel_and_pipes,
     outcome_result,
     readable,
     request_frame,
@@ -164,9 +165,8 @@ class ForkRunner:
     # -- one invocation -------------------------------------------------------------
 
     def _invoke(self, job: Job, server: Booted, wake_fd: int) -> Result:
-        ours, theirs = socket.socketpair()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        # an OSError here (EMFILE) leaves nothing open; the executor answers 503
+        ours, theirs, (out_r, out_w), (err_r, err_w) = channel_and_pipes()
         try:
             answer, pidfd = self._ask_fork(server, [theirs.fileno(), out_w, err_w])
         except ForkServerGone:
