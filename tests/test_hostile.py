@@ -281,6 +281,7 @@ def test_a_few_slowloris_clients_do_not_block_others(hostile: Hostile) -> None:
     sockets = [socket.create_connection(("127.0.0.1", hostile.server.port), timeout=30)
                for _ in range(5)]
     stop = threading.Event()
+    dripped = [0]  # bytes sent to each slow connection so far
 
     def drip() -> None:
         for index in range(len(data)):
@@ -288,12 +289,14 @@ def test_a_few_slowloris_clients_do_not_block_others(hostile: Hostile) -> None:
                 return
             for sock in sockets:
                 sock.send(data[index:index + 1])
-            time.sleep(4.0 / len(data))
+            dripped[0] = index + 1
+            time.sleep(4.0 / len(data))  # the pace of a slow client, not a wait for anything
 
     dripper = threading.Thread(target=drip, daemon=True)
     dripper.start()
     try:
-        time.sleep(0.3)
+        # the slow ones are mid-request (a tenth of their headers sent) before ours start
+        assert wait_until(lambda: dripped[0] >= len(data) // 10, timeout=10)
         for _ in range(5):
             started = time.monotonic()
             response = requests.post(hostile.server.url("/function/ok"), headers=AUTH,
