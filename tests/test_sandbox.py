@@ -443,8 +443,11 @@ def test_output_cap_applies_inside(setup: Setup) -> None:
     assert wait_until(lambda: not _per_call(setup), timeout=10), _per_call(setup)
 
 
-def test_a_signal_is_reported_as_a_signal(setup: Setup) -> None:
-    response = setup.server.post("/function/attack", json={"action": "segfault"})
+@pytest.mark.parametrize("function", ["attack", "forkattack"])
+def test_a_signal_is_reported_as_a_signal(setup: Setup, function: str) -> None:
+    # fork: the handler's process is PID 1 of its own namespace, and its parent ends
+    # with the same signal
+    response = setup.server.post(f"/function/{function}", json={"action": "segfault"})
     assert response.status_code == 502, response.text
     body = response.json()
     assert body["signal"] == signal.SIGSEGV and "exit_code" not in body

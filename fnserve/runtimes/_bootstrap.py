@@ -529,7 +529,10 @@ def _walled_child(function: Function, hand: socket.socket) -> int:
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):  # end as G did: the worker reports the signal
         number = os.WTERMSIG(status)
-        signal.signal(number, signal.SIG_DFL)
+        try:
+            signal.signal(number, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # SIGKILL and SIGSTOP have no handler to reset
         os.kill(os.getpid(), number)
         return 128 + number
     return os.waitstatus_to_exitcode(status)

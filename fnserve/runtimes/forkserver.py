@@ -41,6 +41,7 @@ FORK_REPLY_SIZE = 4
 REAP_REPLY_SIZE = 12
 CONTROL_TIMEOUT = 10.0  # the fork server answers at once; this only catches a wedged one
 EXIT_WAIT = 5.0  # after SIGKILL, how long a child may take to be gone
+EXIT_SETTLE = 1.0  # how long a child whose channel closed may take to exit by itself
 
 
 class ForkServerGone(Exception):
@@ -193,21 +194,27 @@ class ForkRunner:
         try:
             why, reply = child.exchange(job, wake_fd)
         finally:
-            status, rss = self._finish(server, child, need_status=why is not None)
+            settle = min(EXIT_SETTLE, job.deadline - time.monotonic()) if why == "exited" else 0
+            status, rss = self._finish(server, child, need_status=why is not None,
+                                       settle=settle)
         duration = time.monotonic() - started
         if why == "exited" and self._closed:  # killed by the shutdown, not by its own doing
             why = "cancelled"
         return outcome_result(job, why, reply, duration, returncode=status, max_rss_kb=rss)
 
-    def _finish(self, server: Booted, child: _Child,
-                need_status: bool) -> tuple[int | None, int | None]:
+    def _finish(self, server: Booted, child: _Child, need_status: bool,
+                settle: float = 0.0) -> tuple[int | None, int | None]:
         """Kill what is left of the child's group, then let the fork server reap it.
 
         `need_status` (no answer came: how did it end?) waits for the exit status;
         otherwise "w" tells the fork server to reap it when it has exited, without
         an answer: the hot path waits neither for the child's teardown nor for the
-        fork server."""
+        fork server. `settle`: it ended by itself (its channel closed), and may take
+        this long to exit before the kill: a walled child's parent ends just after
+        the handler's process, with its status, which the kill would replace."""
         try:
+            if settle > 0:
+                readable(child.pidfd, settle)
             if server.alive():  # else it may have been reaped by init: no group kill then
                 _killpg(child.group)
             else:
