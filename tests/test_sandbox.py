@@ -704,7 +704,8 @@ def test_fork_mode_without_nested_user_namespaces_fails_to_start(fn_dir: Path,
 def test_fork_and_warm_run_inside_the_sandbox(setup: Setup, mode: str) -> None:
     function = f"{mode}attack"
     inside = setup.call(function, {"action": "whoami"})
-    assert (inside["uid"], inside["home"]) == (65534, "/tmp")
+    # fork: no capability kept from the invocation's own user namespace either
+    assert (inside["uid"], inside["home"], inside["caps"]) == (65534, "/tmp", "0" * 16)
     # bwrap's init, the fork server or pool process, and (fork) the forked child
     assert inside["pids"] and max(inside["pids"]) < 100, inside
     worker = the_worker(setup.server).pid
