@@ -7,10 +7,12 @@ Run by hand, not a test:
 
 Calls alternate between the two sides, so drift (CPU frequency, other load) falls on
 both alike; the overhead is the difference of the medians. Also timed: building the
-bwrap argv alone (the Python side of the cost, in the server's thread), and a bare
-`bwrap ... /bin/true` against `/bin/true` (bubblewrap's own floor on this machine),
-and where a sandboxed start spends its time: before the command's first output
-(set-up) or after it (tear-down).
+bwrap argv alone (the Python side of the cost, in the server's thread); `/bin/true`
+bare, under bubblewrap's floor (the sandbox's namespaces with /usr, /proc, /dev and
+/tmp only), that floor without the network namespace and with the `env -u PWD` hop,
+and in the whole sandbox, interleaved: what each part costs on this machine; and
+where a sandboxed start spends its time: before the command's first output (set-up)
+or after it (tear-down).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fnserve.context import base_environment, make_context
 from fnserve.executor import Executor, Invocation
 from fnserve.registry import FunctionSpec, load_registry
 from fnserve.runtimes import make_runtimes
-from fnserve.sandbox import find_bwrap, sandbox_argv
+from fnserve.sandbox import DEV_ARGS, _system_mounts, find_bwrap, sandbox_argv
 
 EVENT = b'{"name": "Ada"}'
 TIMEOUT = 30.0
@@ -151,17 +153,28 @@ def main() -> None:
                   for _ in range(args.n)]
         print(f"\nbuilding the bwrap argv: median {statistics.median(builds) * 1000:.0f} us")
         true = shutil.which("true", path="/usr/bin:/bin") or "/bin/true"
-        bare = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
-                "--unshare-uts", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
-                "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--die-with-parent",
-                "--new-session", "--cap-drop", "ALL", true]
-        plain, wrapped = [], []
-        for _ in range(args.n):
-            plain.append(timed(lambda: subprocess.run([true], check=True)))
-            wrapped.append(timed(lambda: subprocess.run(bare, check=True)))
-        print(f"bare floor, subprocess.run: /bin/true median {statistics.median(plain):.2f} ms, "
-              f"bwrap ... /bin/true median {statistics.median(wrapped):.2f} ms")
+        env = shutil.which("env", path="/usr/bin:/bin") or "/usr/bin/env"
+        # bubblewrap's own floor: the sandbox's namespaces and flags, /usr, /proc, /dev and
+        # /tmp, nothing of /etc or the functions directory; then what the rest adds
+        floor = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+                 "--unshare-uts", "--unshare-cgroup-try", "--uid", "65534", "--gid", "65534",
+                 "--cap-drop", "ALL", "--die-with-parent", "--new-session", *_system_mounts(),
+                 "--proc", "/proc", *DEV_ARGS, "--tmpfs", "/tmp", "--"]
+        steps = {
+            "/bin/true": [true],
+            "bwrap floor ... /bin/true": [*floor, true],
+            "  the same without --unshare-net": [a for a in floor if a != "--unshare-net"] + [true],
+            "  the same + env -u PWD": [*floor, env, "-u", "PWD", true],
+            "the whole sandbox, /bin/true": sandbox_argv(bwrap, boxed, (true,), spec.cwd),
+        }
+        floor_times: dict[str, list[float]] = {label: [] for label in steps}
+        for _ in range(args.n):  # interleaved, as above
+            for label, command in steps.items():
+                floor_times[label].append(timed(
+                    lambda command=command: subprocess.run(command, cwd=spec.cwd, check=True)))
+        print("\nsubprocess.run, interleaved          median ms")
+        for label, values in floor_times.items():
+            print(f"{label:<36}{statistics.median(values):>10.2f}")
         echo = ("/bin/sh", "-c", "echo x")
         for label, argv in (("without bwrap", list(echo)),
                             ("sandboxed", sandbox_argv(bwrap, boxed, echo, spec.cwd))):
