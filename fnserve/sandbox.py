@@ -32,11 +32,12 @@ What the function gets:
 What it costs (docs/performance.md, bench/sandbox.py): bwrap's set-up is paid at every
 process start. Besides the namespaces (the network one is the dearest, ~0.7 ms here),
 it grows with the mounts: each bind is a mount, a remount and a read of the whole mount
-table (/proc/self/mountinfo). Measured interleaved, the 7 binds of single /etc files
-cost ~1.3 ms and bwrap's `--dev` ~1.5 ms per start, so /etc is now one bind of a private
-copy of those files (`_etc_mounts`) and /dev three device binds (`DEV_ARGS`); together
--1.6 ms per start. What is left is bwrap's own (exec, clone, pivot_root, its init
-process), the network namespace, and the `env -u PWD` hop (~1 ms, below).
+table (/proc/self/mountinfo). Measured interleaved, the 7 binds of /etc entries cost
+~1.3 ms and bwrap's `--dev` ~1.5 ms per start, so /etc is now one bind of a private copy
+of its files plus one of /etc/alternatives (`_etc_mounts`) and /dev three device binds
+(`DEV_ARGS`); together -1.6 ms per start. What is left is bwrap's own (exec, clone,
+pivot_root, its init process), the network namespace, and the `env -u PWD` hop (~1 ms,
+below).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import atexit
 import functools
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -58,15 +60,12 @@ from .registry import FunctionSpec
 SANDBOX_ID = "65534"  # nobody/nogroup
 SANDBOX_HOME = "/tmp"
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-# what programs need of /etc; never all of it (shadow, ssl/private, credentials). They
-# are copied into one private directory, bound as /etc: one mount, not one per file
-# (`_etc_mounts`)
+# what programs need of /etc; never all of it (shadow, ssl/private, credentials). The
+# files are copied into one private directory bound as /etc, the directories bound on
+# top: three mounts at most, not one per entry (`_etc_mounts`)
 ETC_ENTRIES = ("passwd", "group", "nsswitch.conf", "hosts", "ld.so.cache", "localtime",
                "alternatives")
-ETC_NETWORK_ENTRIES = ("resolv.conf", "gai.conf", "host.conf", "services")
-# bound, not copied: hundreds of files whose content changes without their directory's
-# mtime changing (update-ca-certificates rewrites the bundle in place)
-ETC_NETWORK_BINDS = ("ssl/certs",)
+ETC_NETWORK_ENTRIES = ("resolv.conf", "gai.conf", "host.conf", "services", "ssl/certs")
 # A minimal /dev instead of bwrap's `--dev`, which costs ~1 ms more per start: a tmpfs,
 # six device binds, a devpts instance, and for devpts a second user namespace (bwrap
 # maps the server's uid to 0 to mount it, then nests one more namespace for 65534). Here:
@@ -227,15 +226,16 @@ def _system_mounts() -> tuple[str, ...]:
     return tuple(args)
 
 
-# /etc as one bind of a private copy. The copy is made by the first sandbox of a process
-# (a few ms, once) in a new directory under the temporary directory, then checked at
-# every argv (one stat per entry, ~15 us in all) and made again when an entry changed:
-# its inode, size or mtime (a directory's mtime changes when an entry is added, removed
-# or replaced, which is how update-alternatives works). A replaced copy is not deleted
-# before the process exits: sandboxes started with it (a fork server, a pool process)
-# may still have it mounted, as a bind of the old file would have kept the old file.
-# When a copy cannot be made (an entry the server cannot read), /etc is one bind per
-# entry, as bwrap would show it.
+# /etc as one bind of a private copy of its files; its directories (alternatives, and
+# ssl/certs with network = true) are bound on top, live: they hold hundreds of links or
+# files, slow to copy (~0.35 ms per symlink on this VM's ext4 /tmp) and to check. The
+# copy is made by the first sandbox of a process (a few ms, once) in a new directory
+# under the temporary directory, then checked at every argv (one stat per entry, ~30 us
+# in all) and made again when an entry changed: its inode, size or mtime. A replaced
+# copy is not deleted before the process exits: sandboxes started with it (a fork
+# server, a pool process) may still have it mounted, as a bind of the old file would
+# have kept the old file. When a copy cannot be made (a file the server cannot read),
+# /etc is one bind per entry, as before.
 _etc_lock = threading.Lock()
 _etc_views: dict[bool, tuple[int, tuple[object, ...], str | None]] = {}  # network -> view
 _etc_copies: list[tuple[int, str]] = []  # (pid, directory): removed at exit by that pid
@@ -243,32 +243,31 @@ _etc_copies: list[tuple[int, str]] = []  # (pid, directory): removed at exit by 
 
 def _etc_mounts(network: bool) -> list[str]:
     names = ETC_ENTRIES + (ETC_NETWORK_ENTRIES if network else ())
-    binds = [name for name in ETC_NETWORK_BINDS if network and os.path.isdir(f"/etc/{name}")]
-    signature = (*(_stat_key(f"/etc/{name}") for name in names), *binds)
+    signature = tuple(_stat_key(f"/etc/{name}") for name in names)
     with _etc_lock:
         pid, known, directory = _etc_views.get(network, (0, (), None))
         if pid != os.getpid() or known != signature:
-            directory = _copy_etc(names, binds)
+            directory = _copy_etc(names)
             _etc_views[network] = (os.getpid(), signature, directory)
-    if directory is None:
-        return [arg for name in (*names, *binds) if os.path.lexists(f"/etc/{name}")
-                for arg in ("--ro-bind-try", f"/etc/{name}", f"/etc/{name}")]
-    return ["--ro-bind", directory, "/etc",
-            *(arg for name in binds for arg in ("--ro-bind-try", f"/etc/{name}", f"/etc/{name}"))]
+    args = [] if directory is None else ["--ro-bind", directory, "/etc"]
+    for name, key in zip(names, signature, strict=True):
+        if key is not None and (directory is None or stat.S_ISDIR(key[0])):
+            args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    return args
 
 
-def _stat_key(path: str) -> tuple[int, int, int, int] | None:
+def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:
     try:
-        st = os.stat(path)
+        info = os.stat(path)
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return info.st_mode, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
-def _copy_etc(names: Sequence[str], binds: Sequence[str]) -> str | None:
-    """A new directory with a copy of each existing /etc entry of `names` (what a bind
-    shows: a symlinked entry's target, a directory's entries as they are, symlinks
-    kept), and an empty directory where each of `binds` is mounted; None if it fails."""
+def _copy_etc(names: Sequence[str]) -> str | None:
+    """A new directory with a copy of each existing /etc file of `names` (its content and
+    mode, a symlink followed, as a bind shows it) and an empty directory where each
+    directory of `names` will be bound; None if it cannot be made."""
     directory = tempfile.mkdtemp(prefix="fnserve-etc-")
     if not _etc_copies:
         atexit.register(_remove_etc_copies)
@@ -277,13 +276,13 @@ def _copy_etc(names: Sequence[str], binds: Sequence[str]) -> str | None:
         os.chmod(directory, 0o755)
         for name in names:
             source, target = f"/etc/{name}", os.path.join(directory, name)
+            if not os.path.exists(source):
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
             if os.path.isdir(source):
-                shutil.copytree(source, target, symlinks=True)
-            elif os.path.exists(source):
-                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.mkdir(target)
+            else:
                 shutil.copy2(source, target)
-        for name in binds:
-            os.makedirs(os.path.join(directory, name))
     except OSError:
         shutil.rmtree(directory, ignore_errors=True)
         return None
