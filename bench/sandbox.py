@@ -13,14 +13,21 @@ bare, under bubblewrap's floor (the sandbox's namespaces with /usr, /proc, /dev 
 and in the whole sandbox, interleaved: what each part costs on this machine; and
 where a sandboxed start spends its time: before the command's first output (set-up)
 or after it (tear-down).
+
+With `--baseline FILE` (another version of fnserve/sandbox.py, e.g. from
+`git show main:fnserve/sandbox.py > /tmp/sandbox_main.py`) it also alternates, through
+the same Executor.run, calls whose argv that version builds with calls whose argv this
+tree builds: the effect of a change to the argv, from one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -29,10 +36,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
+import fnserve.executor
+import fnserve.sandbox
 from fnserve.context import base_environment, make_context
 from fnserve.executor import Executor, Invocation
-from fnserve.registry import FunctionSpec, load_registry
+from fnserve.registry import FunctionSpec, Registry, load_registry
 from fnserve.runtimes import make_runtimes
 from fnserve.sandbox import DEV_ARGS, _system_mounts, find_bwrap, sandbox_argv
 
@@ -91,6 +101,55 @@ def executor_call(executor: Executor, spec: FunctionSpec, base_env: dict[str, st
     return call
 
 
+def load_baseline(path: Path) -> ModuleType:
+    """Another sandbox.py as a module of its own (its relative imports made absolute)."""
+    source = path.read_text().replace("from .", "from fnserve.")
+    spec = importlib.util.spec_from_loader("baseline_sandbox", loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, str(path), "exec"), module.__dict__)  # a bench, run by hand
+    return module
+
+
+def compare_with(baseline: ModuleType, executor: Executor, registry: Registry, n: int,
+                 base_env: dict[str, str]) -> None:
+    """none, the baseline's argv and this tree's argv, shuffled in each round, through
+    Executor.run (its argv builder is pointed at one or the other before each call)."""
+    using = {"module": fnserve.sandbox}
+    setattr(fnserve.executor, "sandbox_argv",  # noqa: B010 - not an attribute it exports
+            lambda *args, **kwargs: using["module"].sandbox_argv(*args, **kwargs))
+    calls: dict[str, tuple[ModuleType | None, Callable[[], None]]] = {}
+    for name, label in (("nop", "exec"), ("noop", "python")):
+        spec = registry.get(name)
+        boxed = dataclasses.replace(spec, settings=dataclasses.replace(
+            spec.settings, isolation="sandbox"))
+        calls[f"{label}, none"] = (None, executor_call(executor, spec, base_env))
+        calls[f"{label}, baseline"] = (baseline, executor_call(executor, boxed, base_env))
+        calls[f"{label}, this tree"] = (fnserve.sandbox, executor_call(executor, boxed, base_env))
+
+    def call(label: str) -> float:
+        module, run = calls[label]
+        if module is not None:
+            using["module"] = module
+        return timed(run)
+
+    for label in calls:  # warm up
+        for _ in range(3):
+            call(label)
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    order = list(calls)
+    for _ in range(n):
+        random.shuffle(order)
+        for label in order:
+            times[label].append(call(label))
+    print(f"\n--baseline, shuffled, Executor.run   median ms   overhead ms  (load average "
+          f"{os.getloadavg()[0]:.1f})")
+    for label, values in times.items():
+        none = statistics.median(times[label.split(",")[0] + ", none"])
+        median = statistics.median(values)
+        print(f"{label:<36}{median:>10.2f}{median - none:>14.2f}")
+
+
 def row(label: str, none: list[float], sandbox: list[float]) -> str:
     def p90(values: list[float]) -> float:
         return statistics.quantiles(values, n=10)[-1]
@@ -102,7 +161,10 @@ def row(label: str, none: list[float], sandbox: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=200, help="calls per side and function")
+    parser.add_argument("--baseline", type=Path,
+                        help="another fnserve/sandbox.py to compare this tree's argv with")
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     bwrap = find_bwrap(os.environ.get("PATH"))
     if bwrap is None:
         raise SystemExit("bench/sandbox.py needs bwrap (the bubblewrap package)")
@@ -170,18 +232,21 @@ def main() -> None:
         floor_times: dict[str, list[float]] = {label: [] for label in steps}
         for _ in range(args.n):  # interleaved, as above
             for label, command in steps.items():
-                floor_times[label].append(timed(
-                    lambda command=command: subprocess.run(command, cwd=spec.cwd, check=True)))
+                started = time.perf_counter()
+                subprocess.run(command, cwd=spec.cwd, check=True)
+                floor_times[label].append((time.perf_counter() - started) * 1000)
         print("\nsubprocess.run, interleaved          median ms")
         for label, values in floor_times.items():
             print(f"{label:<36}{statistics.median(values):>10.2f}")
         echo = ("/bin/sh", "-c", "echo x")
-        for label, argv in (("without bwrap", list(echo)),
-                            ("sandboxed", sandbox_argv(bwrap, boxed, echo, spec.cwd))):
-            phases = [set_up_and_tear_down(argv, spec.cwd) for _ in range(args.n)]
+        for label, command in (("without bwrap", list(echo)),
+                               ("sandboxed", sandbox_argv(bwrap, boxed, echo, spec.cwd))):
+            phases = [set_up_and_tear_down(command, spec.cwd) for _ in range(args.n)]
             print(f"sh -c 'echo x' {label}: spawn to first byte median "
                   f"{statistics.median(p[0] for p in phases):.2f} ms, first byte to exit "
                   f"median {statistics.median(p[1] for p in phases):.2f} ms")
+        if baseline is not None:
+            compare_with(baseline, executor, registry, args.n, base_env)
         executor.shutdown()
 
 
