@@ -7,18 +7,27 @@ Run by hand, not a test:
 
 Calls alternate between the two sides, so drift (CPU frequency, other load) falls on
 both alike; the overhead is the difference of the medians. Also timed: building the
-bwrap argv alone (the Python side of the cost, in the server's thread), and a bare
-`bwrap ... /bin/true` against `/bin/true` (bubblewrap's own floor on this machine),
-and where a sandboxed start spends its time: before the command's first output
-(set-up) or after it (tear-down).
+bwrap argv alone (the Python side of the cost, in the server's thread); `/bin/true`
+bare, under bubblewrap's floor (the sandbox's namespaces with /usr, /proc, /dev and
+/tmp only), that floor without the network namespace and with the `env -u PWD` hop,
+and in the whole sandbox, interleaved: what each part costs on this machine; and
+where a sandboxed start spends its time: before the command's first output (set-up)
+or after it (tear-down).
+
+With `--baseline FILE` (another version of fnserve/sandbox.py, e.g. from
+`git show main:fnserve/sandbox.py > /tmp/sandbox_main.py`) it also alternates, through
+the same Executor.run, calls whose argv that version builds with calls whose argv this
+tree builds: the effect of a change to the argv, from one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -27,12 +36,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
+import fnserve.executor
+import fnserve.sandbox
 from fnserve.context import base_environment, make_context
 from fnserve.executor import Executor, Invocation
-from fnserve.registry import FunctionSpec, load_registry
+from fnserve.registry import FunctionSpec, Registry, load_registry
 from fnserve.runtimes import make_runtimes
-from fnserve.sandbox import find_bwrap, sandbox_argv
+from fnserve.sandbox import DEV_ARGS, _system_mounts, find_bwrap, sandbox_argv
 
 EVENT = b'{"name": "Ada"}'
 TIMEOUT = 30.0
@@ -89,6 +101,55 @@ def executor_call(executor: Executor, spec: FunctionSpec, base_env: dict[str, st
     return call
 
 
+def load_baseline(path: Path) -> ModuleType:
+    """Another sandbox.py as a module of its own (its relative imports made absolute)."""
+    source = path.read_text().replace("from .", "from fnserve.")
+    spec = importlib.util.spec_from_loader("baseline_sandbox", loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(source, str(path), "exec"), module.__dict__)  # a bench, run by hand
+    return module
+
+
+def compare_with(baseline: ModuleType, executor: Executor, registry: Registry, n: int,
+                 base_env: dict[str, str]) -> None:
+    """none, the baseline's argv and this tree's argv, shuffled in each round, through
+    Executor.run (its argv builder is pointed at one or the other before each call)."""
+    using = {"module": fnserve.sandbox}
+    setattr(fnserve.executor, "sandbox_argv",  # noqa: B010 - not an attribute it exports
+            lambda *args, **kwargs: using["module"].sandbox_argv(*args, **kwargs))
+    calls: dict[str, tuple[ModuleType | None, Callable[[], None]]] = {}
+    for name, label in (("nop", "exec"), ("noop", "python")):
+        spec = registry.get(name)
+        boxed = dataclasses.replace(spec, settings=dataclasses.replace(
+            spec.settings, isolation="sandbox"))
+        calls[f"{label}, none"] = (None, executor_call(executor, spec, base_env))
+        calls[f"{label}, baseline"] = (baseline, executor_call(executor, boxed, base_env))
+        calls[f"{label}, this tree"] = (fnserve.sandbox, executor_call(executor, boxed, base_env))
+
+    def call(label: str) -> float:
+        module, run = calls[label]
+        if module is not None:
+            using["module"] = module
+        return timed(run)
+
+    for label in calls:  # warm up
+        for _ in range(3):
+            call(label)
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    order = list(calls)
+    for _ in range(n):
+        random.shuffle(order)
+        for label in order:
+            times[label].append(call(label))
+    print(f"\n--baseline, shuffled, Executor.run   median ms   overhead ms  (load average "
+          f"{os.getloadavg()[0]:.1f})")
+    for label, values in times.items():
+        none = statistics.median(times[label.split(",")[0] + ", none"])
+        median = statistics.median(values)
+        print(f"{label:<36}{median:>10.2f}{median - none:>14.2f}")
+
+
 def row(label: str, none: list[float], sandbox: list[float]) -> str:
     def p90(values: list[float]) -> float:
         return statistics.quantiles(values, n=10)[-1]
@@ -100,7 +161,10 @@ def row(label: str, none: list[float], sandbox: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=200, help="calls per side and function")
+    parser.add_argument("--baseline", type=Path,
+                        help="another fnserve/sandbox.py to compare this tree's argv with")
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     bwrap = find_bwrap(os.environ.get("PATH"))
     if bwrap is None:
         raise SystemExit("bench/sandbox.py needs bwrap (the bubblewrap package)")
@@ -151,24 +215,38 @@ def main() -> None:
                   for _ in range(args.n)]
         print(f"\nbuilding the bwrap argv: median {statistics.median(builds) * 1000:.0f} us")
         true = shutil.which("true", path="/usr/bin:/bin") or "/bin/true"
-        bare = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
-                "--unshare-uts", "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin",
-                "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-                "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--die-with-parent",
-                "--new-session", "--cap-drop", "ALL", true]
-        plain, wrapped = [], []
-        for _ in range(args.n):
-            plain.append(timed(lambda: subprocess.run([true], check=True)))
-            wrapped.append(timed(lambda: subprocess.run(bare, check=True)))
-        print(f"bare floor, subprocess.run: /bin/true median {statistics.median(plain):.2f} ms, "
-              f"bwrap ... /bin/true median {statistics.median(wrapped):.2f} ms")
+        env = shutil.which("env", path="/usr/bin:/bin") or "/usr/bin/env"
+        # bubblewrap's own floor: the sandbox's namespaces and flags, /usr, /proc, /dev and
+        # /tmp, nothing of /etc or the functions directory; then what the rest adds
+        floor = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+                 "--unshare-uts", "--unshare-cgroup-try", "--uid", "65534", "--gid", "65534",
+                 "--cap-drop", "ALL", "--die-with-parent", "--new-session", *_system_mounts(),
+                 "--proc", "/proc", *DEV_ARGS, "--tmpfs", "/tmp", "--"]
+        steps = {
+            "/bin/true": [true],
+            "bwrap floor ... /bin/true": [*floor, true],
+            "  the same without --unshare-net": [a for a in floor if a != "--unshare-net"] + [true],
+            "  the same + env -u PWD": [*floor, env, "-u", "PWD", true],
+            "the whole sandbox, /bin/true": sandbox_argv(bwrap, boxed, (true,), spec.cwd),
+        }
+        floor_times: dict[str, list[float]] = {label: [] for label in steps}
+        for _ in range(args.n):  # interleaved, as above
+            for label, command in steps.items():
+                started = time.perf_counter()
+                subprocess.run(command, cwd=spec.cwd, check=True)
+                floor_times[label].append((time.perf_counter() - started) * 1000)
+        print("\nsubprocess.run, interleaved          median ms")
+        for label, values in floor_times.items():
+            print(f"{label:<36}{statistics.median(values):>10.2f}")
         echo = ("/bin/sh", "-c", "echo x")
-        for label, argv in (("without bwrap", list(echo)),
-                            ("sandboxed", sandbox_argv(bwrap, boxed, echo, spec.cwd))):
-            phases = [set_up_and_tear_down(argv, spec.cwd) for _ in range(args.n)]
+        for label, command in (("without bwrap", list(echo)),
+                               ("sandboxed", sandbox_argv(bwrap, boxed, echo, spec.cwd))):
+            phases = [set_up_and_tear_down(command, spec.cwd) for _ in range(args.n)]
             print(f"sh -c 'echo x' {label}: spawn to first byte median "
                   f"{statistics.median(p[0] for p in phases):.2f} ms, first byte to exit "
                   f"median {statistics.median(p[1] for p in phases):.2f} ms")
+        if baseline is not None:
+            compare_with(baseline, executor, registry, args.n, base_env)
         executor.shutdown()
 
 

@@ -26,15 +26,30 @@ What the function gets:
   prefix when it is a Python installation or venv); of the functions directory
   only its own entry and the shared `_` entries (never other functions, never
   fnserve.toml); a private tmpfs on /tmp, which is also its HOME; each path of
-  `writable` read-write at the same path. The root is remounted read-only.
+  `writable` read-write at the same path; a minimal /dev (below). The root is
+  remounted read-only.
+
+What it costs (docs/performance.md, bench/sandbox.py): bwrap's set-up is paid at every
+process start. Besides the namespaces (the network one is the dearest, ~0.7 ms here),
+it grows with the mounts: each bind is a mount, a remount and a read of the whole mount
+table (/proc/self/mountinfo). Measured interleaved, the 7 binds of /etc entries cost
+~1.3 ms and bwrap's `--dev` ~1.5 ms per start, so /etc is now one bind of a private copy
+of its files plus one of /etc/alternatives (`_etc_mounts`) and /dev three device binds
+(`DEV_ARGS`); together -1.6 ms per start. What is left is bwrap's own (exec, clone,
+pivot_root, its init process), the network namespace, and the `env -u PWD` hop (~1 ms,
+below).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -45,12 +60,27 @@ from .registry import FunctionSpec
 SANDBOX_ID = "65534"  # nobody/nogroup
 SANDBOX_HOME = "/tmp"
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-# what programs need of /etc; never all of it (shadow, ssl/private, credentials). Each
-# entry is one more mount, set up and torn down at every invocation (~0.3 ms each,
-# more under load): only the few that matter
+# what programs need of /etc; never all of it (shadow, ssl/private, credentials). The
+# files are copied into one private directory bound as /etc, the directories bound on
+# top: three mounts at most, not one per entry (`_etc_mounts`)
 ETC_ENTRIES = ("passwd", "group", "nsswitch.conf", "hosts", "ld.so.cache", "localtime",
                "alternatives")
 ETC_NETWORK_ENTRIES = ("resolv.conf", "gai.conf", "host.conf", "services", "ssl/certs")
+# A minimal /dev instead of bwrap's `--dev`, which costs ~1 ms more per start: a tmpfs,
+# six device binds, a devpts instance, and for devpts a second user namespace (bwrap
+# maps the server's uid to 0 to mount it, then nests one more namespace for 65534). Here:
+# the three devices programs open, on the root tmpfs (read-only with it at the end, no
+# mount of its own); /dev/random as a link to urandom (the same generator since Linux
+# 5.6: neither blocks once the pool is initialised); /dev/fd and /dev/std{in,out,err}
+# as in bwrap's `--dev`; /dev/shm a link to the private /tmp, so POSIX shared memory
+# and semaphores (multiprocessing) work. Left out: /dev/full, /dev/tty (`--new-session`:
+# there is no terminal), /dev/pts and /dev/ptmx (no pseudo-terminals).
+DEV_NODES = ("null", "zero", "urandom")
+DEV_ARGS: tuple[str, ...] = (
+    *(arg for node in DEV_NODES for arg in ("--dev-bind", f"/dev/{node}", f"/dev/{node}")),
+    "--symlink", "urandom", "/dev/random", "--symlink", "/proc/self/fd", "/dev/fd",
+    "--symlink", "/proc/self/fd/0", "/dev/stdin", "--symlink", "/proc/self/fd/1", "/dev/stdout",
+    "--symlink", "/proc/self/fd/2", "/dev/stderr", "--symlink", "/tmp", "/dev/shm")
 _SYSTEM_PATH = "/usr/bin:/bin"
 _MAX_SYMLINKS = 40
 _SIGNAL_BASE = 128
@@ -79,8 +109,9 @@ def sandbox_argv(bwrap: str, spec: FunctionSpec, argv: Sequence[str], cwd: Path,
         args.append("--unshare-net")
     args += ["--uid", SANDBOX_ID, "--gid", SANDBOX_ID, "--cap-drop", "ALL",
              "--die-with-parent", "--new-session"]
-    args += _system_mounts(settings.network)
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    args += _system_mounts()
+    args += _etc_mounts(settings.network)
+    args += ["--proc", "/proc", *DEV_ARGS, "--tmpfs", "/tmp"]
     mounted = [*_system_roots()]  # real paths
     later = []  # paths inside the functions directory go on top of its view
     for path in _unique([*_program_paths(argv[0]), *map(str, readable)]):
@@ -95,15 +126,17 @@ def sandbox_argv(bwrap: str, spec: FunctionSpec, argv: Sequence[str], cwd: Path,
     # an empty, read-only view of the functions directory with only what it may read,
     # even when the directory lies under a tree mounted above
     args += ["--tmpfs", str(functions_dir)]
-    for entry in [own, *shared_entries(functions_dir)]:
-        args += ["--ro-bind", str(entry), str(entry)]
-    for path in later:
+    entries = [str(entry) for entry in [own, *shared_entries(functions_dir)]]
+    for path in _unique([*entries, *later]):  # an executable function is argv[0] too
         args += ["--ro-bind", path, path]
     args += ["--remount-ro", str(functions_dir)]
     for path in settings.writable:
         args += ["--bind", path, path]
     args += ["--remount-ro", "/", "--setenv", "HOME", SANDBOX_HOME, "--chdir", str(cwd), "--"]
-    # bwrap sets PWD; the function's environment stays exactly SPEC §2's
+    # bwrap sets PWD; the function's environment stays exactly SPEC §2's. One more exec
+    # (~1 ms, a third of it env loading the locale), but bwrap has no cheaper way: it
+    # applies --unsetenv and --clearenv while parsing its options, and sets PWD after
+    # its chdir, just before it forks the command
     pwd = settings.env.get("PWD")  # a configured PWD is kept, as without a sandbox
     args += [_env_program(), *(("-u", "PWD") if pwd is None else (f"PWD={pwd}",)), *argv]
     return args
@@ -183,18 +216,83 @@ def shared_entries(functions_dir: Path) -> list[Path]:
 
 
 @functools.cache
-def _system_mounts(network: bool) -> tuple[str, ...]:
+def _system_mounts() -> tuple[str, ...]:
     args: list[str] = []
     for directory in SYSTEM_DIRS:
         if os.path.islink(directory):  # merged /usr: /bin -> usr/bin
             args += ["--symlink", os.readlink(directory), directory]
         elif os.path.isdir(directory):
             args += ["--ro-bind", directory, directory]
-    for name in ETC_ENTRIES + (ETC_NETWORK_ENTRIES if network else ()):
-        path = f"/etc/{name}"
-        if os.path.lexists(path):
-            args += ["--ro-bind-try", path, path]
     return tuple(args)
+
+
+# /etc as one bind of a private copy of its files; its directories (alternatives, and
+# ssl/certs with network = true) are bound on top, live: they hold hundreds of links or
+# files, slow to copy (~0.35 ms per symlink on this VM's ext4 /tmp) and to check. The
+# copy is made by the first sandbox of a process (a few ms, once) in a new directory
+# under the temporary directory, then checked at every argv (one stat per entry, ~30 us
+# in all) and made again when an entry changed: its inode, size or mtime. A replaced
+# copy is not deleted before the process exits: sandboxes started with it (a fork
+# server, a pool process) may still have it mounted, as a bind of the old file would
+# have kept the old file. When a copy cannot be made (a file the server cannot read),
+# /etc is one bind per entry, as before.
+_etc_lock = threading.Lock()
+_etc_views: dict[bool, tuple[int, tuple[object, ...], str | None]] = {}  # network -> view
+_etc_copies: list[tuple[int, str]] = []  # (pid, directory): removed at exit by that pid
+
+
+def _etc_mounts(network: bool) -> list[str]:
+    names = ETC_ENTRIES + (ETC_NETWORK_ENTRIES if network else ())
+    signature = tuple(_stat_key(f"/etc/{name}") for name in names)
+    with _etc_lock:
+        pid, known, directory = _etc_views.get(network, (0, (), None))
+        if pid != os.getpid() or known != signature:
+            directory = _copy_etc(names)
+            _etc_views[network] = (os.getpid(), signature, directory)
+    args = [] if directory is None else ["--ro-bind", directory, "/etc"]
+    for name, key in zip(names, signature, strict=True):
+        if key is not None and (directory is None or stat.S_ISDIR(key[0])):
+            args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    return args
+
+
+def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mode, info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _copy_etc(names: Sequence[str]) -> str | None:
+    """A new directory with a copy of each existing /etc file of `names` (its content and
+    mode, a symlink followed, as a bind shows it) and an empty directory where each
+    directory of `names` will be bound; None if it cannot be made."""
+    directory = tempfile.mkdtemp(prefix="fnserve-etc-")
+    if not _etc_copies:
+        atexit.register(_remove_etc_copies)
+    _etc_copies.append((os.getpid(), directory))
+    try:
+        os.chmod(directory, 0o755)
+        for name in names:
+            source, target = f"/etc/{name}", os.path.join(directory, name)
+            if not os.path.exists(source):
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.isdir(source):
+                os.mkdir(target)
+            else:
+                shutil.copy2(source, target)
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+    return directory
+
+
+def _remove_etc_copies() -> None:
+    for pid, directory in _etc_copies:
+        if pid == os.getpid():  # not a copy the parent of a forked worker still uses
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @functools.cache
