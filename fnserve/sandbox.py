@@ -239,6 +239,7 @@ def _system_mounts() -> tuple[str, ...]:
 _etc_lock = threading.Lock()
 _etc_views: dict[bool, tuple[int, tuple[object, ...], str | None]] = {}  # network -> view
 _etc_copies: list[tuple[int, str]] = []  # (pid, directory): removed at exit by that pid
+_etc_copy_keys: dict[str, tuple[int, int, int, int, int] | None] = {}  # as made
 
 
 def _etc_mounts(network: bool) -> list[str]:
@@ -246,14 +247,22 @@ def _etc_mounts(network: bool) -> list[str]:
     signature = tuple(_stat_key(f"/etc/{name}") for name in names)
     with _etc_lock:
         pid, known, directory = _etc_views.get(network, (0, (), None))
-        if pid != os.getpid() or known != signature:
+        if pid != os.getpid() or known != signature or not _unchanged_copy(directory):
             directory = _copy_etc(names)
             _etc_views[network] = (os.getpid(), signature, directory)
+            if directory is not None:
+                _etc_copy_keys[directory] = _stat_key(directory)
     args = [] if directory is None else ["--ro-bind", directory, "/etc"]
     for name, key in zip(names, signature, strict=True):
         if key is not None and (directory is None or stat.S_ISDIR(key[0])):
             args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     return args
+
+
+def _unchanged_copy(directory: str | None) -> bool:
+    """Is the copy as we made it? A temporary directory may be cleaned up under a
+    long-running server (systemd-tmpfiles): an entry removed changes its mtime."""
+    return directory is None or _stat_key(directory) == _etc_copy_keys.get(directory)
 
 
 def _stat_key(path: str) -> tuple[int, int, int, int, int] | None:

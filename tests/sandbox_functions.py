@@ -72,6 +72,16 @@ elif action == "tmp":
     before = sorted(os.listdir("/tmp"))
     write("/tmp/" + event["mark"])
     report = {"before": before, "home": os.environ.get("HOME")}
+elif action == "devices":
+    def use(path, mode):
+        with open(path, mode) as handle:
+            return len(handle.read(16)) if "r" in mode else handle.write("x")
+    report = {path: attempt(lambda path=path, mode=mode: use(path, mode))
+              for path, mode in (("/dev/null", "w"), ("/dev/zero", "rb"),
+                                 ("/dev/urandom", "rb"), ("/dev/random", "rb"),
+                                 ("/dev/stderr", "w"))}
+    import multiprocessing  # POSIX semaphores live in /dev/shm
+    report["semaphore"] = attempt(lambda: multiprocessing.Lock().acquire())
 elif action == "grandchild":
     subprocess.Popen(["/bin/sh", "-c", "sleep 300; : " + event["mark"]],
                      start_new_session=True, stdout=subprocess.DEVNULL,

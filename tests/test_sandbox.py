@@ -28,9 +28,10 @@ from typing import Any
 import psutil
 import pytest
 
+from fnserve import sandbox as sandbox_module
 from fnserve.registry import Settings, load_registry
 from fnserve.runtimes.channel import BOOTSTRAP
-from fnserve.sandbox import exit_status, sandbox_argv
+from fnserve.sandbox import ETC_ENTRIES, exit_status, sandbox_argv
 from tests.helpers import fnserve_cli, wait_until, write_function, write_toml
 from tests.live import LiveServer, assert_serving, running, the_worker
 from tests.sandbox_functions import ATTACK_GO, ATTACK_HANDLER, ATTACK_PY
@@ -250,6 +251,37 @@ def test_cannot_read_other_functions_or_fnserve_toml(setup: Setup, lang: str) ->
     assert OTHER_SECRET not in json.dumps(report) and TOML_SECRET not in json.dumps(report)
     listing = setup.call(attack(lang), {"action": "listdir", "path": str(setup.fn_dir)})
     assert listing == {"ok": True, "value": ["_shared.py", own]}
+
+
+def test_sees_the_system_files_it_needs_and_no_others(setup: Setup) -> None:
+    wanted = ["/etc/passwd", "/etc/group", "/etc/hosts", "/etc/nsswitch.conf"]
+    report = setup.call("attack", {"action": "read", "paths": [*wanted, "/etc/shadow"]})
+    for path in wanted:  # the host's files, as they are (a private copy, bwrapped as /etc)
+        if os.path.exists(path):
+            assert report[path] == {"ok": True, "value": Path(path).read_text()}, path
+    assert not report["/etc/shadow"]["ok"]
+    listing = setup.call("attack", {"action": "listdir", "path": "/etc"})
+    assert set(listing["value"]) <= {*ETC_ENTRIES, "ssl"}, listing
+    devices = setup.call("attack", {"action": "devices"})  # a minimal /dev, not bwrap's --dev
+    assert devices == {"/dev/null": {"ok": True, "value": 1},
+                       "/dev/zero": {"ok": True, "value": 16},
+                       "/dev/urandom": {"ok": True, "value": 16},
+                       "/dev/random": {"ok": True, "value": 16},
+                       "/dev/stderr": {"ok": True, "value": 1},
+                       "semaphore": {"ok": True, "value": True}}, devices
+
+
+def test_a_removed_copy_of_etc_is_made_again() -> None:
+    # the private copy lives in the temporary directory, which a long-running server
+    # may see cleaned up under it
+    first = sandbox_module._etc_mounts(False)
+    copy = Path(first[first.index("/etc") - 1])
+    assert (copy / "passwd").read_bytes() == Path("/etc/passwd").read_bytes()
+    assert sandbox_module._etc_mounts(False) == first  # unchanged: the same copy
+    (copy / "passwd").unlink()
+    again = sandbox_module._etc_mounts(False)
+    fresh = Path(again[again.index("/etc") - 1])
+    assert fresh != copy and (fresh / "passwd").read_bytes() == Path("/etc/passwd").read_bytes()
 
 
 def _listener() -> socket.socket:
