@@ -9,8 +9,10 @@ goes outside it: RLIMIT_DATA is inherited through bwrap by the function.
 The executor applies it in `Executor.process_argv`, the one argv builder of
 every process of a function: a process-mode run, and the fork server or warm
 pool process of fork/warm modes, whose bootstrap script is named in `readable`
-(channel.py). Every invocation such a process serves inherits the walls; /tmp is
-then per fork server or pool process, not per invocation.
+(channel.py). Every invocation such a process serves inherits the walls; a fork
+server adds walls of its own per forked invocation (a user, mount and PID namespace
+and a fresh /tmp: _bootstrap.py, WalledChild), a warm process serves invocation
+after invocation with one /tmp.
 
 What the function gets:
 - its own user namespace, where it is uid/gid 65534 with no capabilities. Outside
