@@ -25,6 +25,7 @@ into the response frame.
 from __future__ import annotations
 
 import ctypes
+import errno
 import gc
 import importlib.util
 import json
@@ -48,11 +49,12 @@ REAP_REPLY = struct.Struct(">iQ")  # wait status, max RSS (KiB)
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 MS_NOSUID, MS_NODEV = 0x2, 0x4
 CAP_VERSION_3 = 0x20080522
-SPARE_READY = b"R"
+SPARE_READY = b"R"  # + G's pid, as the fork server numbers it
 SPARE_FAILED = b"E"
 REAP_INTERVAL_MS = 20  # how often a fork server looks for killed children to reap
 
@@ -304,8 +306,12 @@ class ForkServer:
                 self.stop()
                 return
             if message[:1] == b"F" and len(fds) == 3:
-                pid = self.hand_over(fds) if self.walled else self.fork(fds)
-                self.send_fork_reply(pid)
+                inner = 0
+                if self.walled:
+                    pid, inner = self.hand_over(fds)
+                else:
+                    pid = self.fork(fds)
+                self.send_fork_reply(pid, inner)
                 if self.walled and self.spare is None:  # after the reply: off its path
                     self.spare = WalledChild.make(self)
                 continue
@@ -342,36 +348,45 @@ class ForkServer:
             self.children.add(pid)
         return pid
 
-    def hand_over(self, fds: list[int]) -> int:
-        """Walled: the spare child takes the invocation (one made now if there is none)."""
+    def hand_over(self, fds: list[int]) -> tuple[int, int]:
+        """Walled: the spare child takes the invocation (a new one is made if there is
+        none, or it failed: once, so a passing failure fails no call). (C's pid, G's
+        pid), or (-errno, 0) when no walled child could be had."""
         spare, self.spare = self.spare, None
+        failure = -errno.EAGAIN
         try:
-            if not isinstance(spare, WalledChild):  # none, or the last one failed: try now
-                spare = WalledChild.make(self)
-            if isinstance(spare, int):  # -errno: it could not be made
-                return spare
-            pid = spare.take(fds)
+            for _attempt in range(2):
+                if not isinstance(spare, WalledChild):
+                    spare = WalledChild.make(self)
+                if isinstance(spare, int):
+                    failure, spare = spare, None
+                    continue
+                pid = spare.take(fds)
+                if pid > 0:
+                    self.children.add(pid)
+                    return pid, spare.inner
+                failure, spare = pid, None
+            return failure, 0
         finally:
             for fd in fds:
                 os.close(fd)
-        if pid > 0:
-            self.children.add(pid)
-        return pid
 
-    def send_fork_reply(self, pid: int) -> None:
+    def send_fork_reply(self, pid: int, inner: int = 0) -> None:
         """The pid as we see it, and a pidfd of the child: in a sandbox's PID namespace
         the worker cannot use our pid numbers, but it can use the pidfd (and read its
-        own number for the child from it)."""
-        pidfd = -1
-        if pid > 0:
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:
-                pidfd = -1
+        own number for the child from it). Walled: a second pidfd, of the handler's
+        process (G), which the worker kills first: killing it ends its namespace."""
+        pidfds = []
+        for number in (pid, inner):
+            if number > 0:
+                try:
+                    pidfds.append(os.pidfd_open(number))
+                except OSError:
+                    break
         try:
-            socket.send_fds(self.control, [FORK_REPLY.pack(pid)], [pidfd] if pidfd >= 0 else [])
+            socket.send_fds(self.control, [FORK_REPLY.pack(pid)], pidfds)
         finally:
-            if pidfd >= 0:
+            for pidfd in pidfds:
                 os.close(pidfd)
 
     def reap_exited(self) -> None:
@@ -405,19 +420,28 @@ class WalledChild:
     """A sandboxed function's forked invocation, with walls of its own (SPEC §12).
 
     The fork server's sandbox (bwrap) walls the function off from the server; these
-    wall one invocation off from the next, as process mode's one sandbox per call
-    does. The child (C) unshares a user, mount and PID namespace, maps its own uid
-    and gid, mounts a fresh tmpfs on /tmp, drops every capability and forks the
-    process that runs the handler (G): PID 1 of its namespace. When G dies, the
-    kernel kills everything left in its namespace, `setsid()` escapees included; the
-    worker's group kill of C (its pidfd, its group) reaches G, which shares that
-    group. C waits for G and ends as G did, so the worker's reading of the exit
-    status and of the peak RSS (wait4 counts reaped children) is unchanged.
+    wall one invocation off from the next. The child (C) unshares a user, mount, PID
+    and IPC namespace, maps its own uid and gid, mounts a fresh tmpfs on /tmp (also
+    /dev/shm, a link to it in the sandbox's read-only /dev), drops every capability
+    and forks the process that runs the handler (G): PID 1 of its namespace, in a
+    process group of its own. Killing G kills everything left in its namespace,
+    `setsid()` escapees included, and G cannot leave it: the worker kills G by a
+    pidfd the fork server hands it, first, then C's group. C waits for G and ends
+    as G did, so the worker's reading of the exit status and of the peak RSS
+    (wait4 counts reaped children) is unchanged. Shared with the other invocations
+    of the fork server: its network namespace (loopback only, unless `network =
+    true`) and the view of /proc (they see each other's pids; a fresh /proc cannot
+    be mounted under bwrap's partly covered one).
+
     Another invocation of the same function is the same uid, but in a sibling user
     namespace, and the kernel lets a process read or trace another's memory only in
-    its own user namespace (or with CAP_SYS_PTRACE over the other's): the two cannot
-    reach each other's memory or environment, nor the fork server's. Neither G nor
-    the fork server is dumpable either, a second lock on the same door.
+    its own user namespace (or with CAP_SYS_PTRACE over the other's): invocations
+    cannot reach each other's memory or environment, nor the fork server's. G and C
+    do share one user namespace: C is not dumpable, which keeps G out of its memory.
+
+    Being PID 1, G ignores a signal it sends itself unless it handles it (the
+    kernel's rule for an init): `os.kill(os.getpid(), SIGKILL)` returns, and
+    `os.abort()` ends in SIGSEGV, not SIGABRT; a fault kills it as usual.
 
     That costs two forks and three namespaces, about a millisecond here, so one
     child is made ahead (the spare), waiting on its own socket for the invocation's
@@ -428,8 +452,9 @@ class WalledChild:
 
     def __init__(self, pid: int, hand: socket.socket) -> None:
         self.pid = pid  # C: the fork server's child, the worker's pidfd and group
+        self.inner = 0  # G, as we number it: known once ready
         self.hand = hand
-        self.failure: str | None = None
+        self.failure = 0  # -errno once its walls could not be made
         self.confirmed = False
 
     @classmethod
@@ -460,25 +485,29 @@ class WalledChild:
         return cls(pid, ours)
 
     def ready(self) -> bool:
-        """Wait for its walls; False (and the reason on stderr, then it is gone) when
-        they could not be made."""
+        """Wait for its walls; False (then it is gone, `failure` says why) when they
+        could not be made. At the fork server's start the reason goes to its stderr,
+        the worker's log; later the worker answers 503 with the errno's text."""
         if not self.confirmed:
             self.confirmed = True
             try:
                 answer = self.hand.recv(4096)
             except OSError:
                 answer = b""
-            if answer != SPARE_READY:
-                self.failure = answer[1:].decode("utf-8", "replace") or "the child died"
-                print(f"fnserve: cannot wall off an invocation: {self.failure}",
-                      file=sys.__stderr__)
+            if answer[:1] == SPARE_READY and len(answer) == 1 + REAP.size:
+                (self.inner,) = REAP.unpack(answer[1:])
+            else:
+                number, _, text = answer[1:].decode("utf-8", "replace").partition(" ")
+                self.failure = -int(number) if number.isdigit() and int(number) else -errno.ECHILD
+                print(f"fnserve: cannot wall off an invocation: {text or 'the child died'}",
+                      file=sys.stderr, flush=True)
                 self.discard()
-        return self.failure is None
+        return self.failure == 0
 
     def take(self, fds: list[int]) -> int:
         """Hand the invocation's descriptors over; C's pid, or -errno."""
         if not self.ready():
-            return -1
+            return self.failure
         try:
             socket.send_fds(self.hand, [b"F"], fds)
         except OSError as exc:
@@ -495,8 +524,12 @@ class WalledChild:
 def _walled_child(function: Function, hand: socket.socket) -> int:
     """C: make the walls, fork G into them, end as G ends. Returns C's exit code."""
     try:
-        _unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID)
-        uid, gid = os.getuid(), os.getgid()  # as the parent namespace sees us: unchanged
+        # not dumpable: G shares our user namespace, and must not reach our memory (or,
+        # through it, the fork server's descriptors). Inherited from the fork server;
+        # said here too, as this is where it matters
+        _c_library().prctl(PR_SET_DUMPABLE, 0)
+        uid, gid = os.getuid(), os.getgid()  # before unshare: then they read as overflow
+        _unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC)
         _write_proc("setgroups", "deny")  # required before an unprivileged gid_map
         _write_proc("uid_map", f"{uid} {uid} 1")
         _write_proc("gid_map", f"{gid} {gid} 1")
@@ -504,15 +537,18 @@ def _walled_child(function: Function, hand: socket.socket) -> int:
         _drop_capabilities()
         child = os.fork()
     except OSError as exc:
-        hand.send(SPARE_FAILED + f"{exc.strerror or exc} ({exc.filename or 'namespaces'})"
-                  .encode())
+        hand.send(SPARE_FAILED + f"{exc.errno or 0} {exc.strerror or exc} "
+                                 f"({exc.filename or 'namespaces'})".encode())
         return 71
     if child == 0:  # G, PID 1 of the new namespace
         code = 0
         try:
             _c_library().prctl(PR_SET_DUMPABLE, 0)
             _die_with_parent(None)
-            hand.send(SPARE_READY)
+            # a group of its own: a signal the handler sends its group (kill(0, ...))
+            # does not reach C, which must live to report how G ended. The worker
+            # kills G by its pidfd, and the namespace with it
+            os.setpgid(0, 0)
             message, fds, _flags, _addr = socket.recv_fds(hand, 16, 3)
             hand.close()
             if message and len(fds) == 3:
@@ -525,7 +561,10 @@ def _walled_child(function: Function, hand: socket.socket) -> int:
         finally:
             _flush_std()
             os._exit(code)
-    hand.close()
+    try:
+        hand.send(SPARE_READY + REAP.pack(child))
+    finally:
+        hand.close()
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):  # end as G did: the worker reports the signal
         number = os.WTERMSIG(status)

@@ -136,21 +136,24 @@ class ForkRunner:
         except OSError:
             pass  # the fork server is gone; its children went with it
 
-    def _ask_fork(self, server: Booted, fds: list[int]) -> tuple[bytes, int]:
+    def _ask_fork(self, server: Booted, fds: list[int]) -> tuple[bytes, int, int]:
         """"F" with the child's descriptors: its pid as the fork server sees it, and a
-        pidfd of it (our only handle on it when the fork server is in a PID namespace)."""
+        pidfd of it (our only handle on it when the fork server is in a PID namespace);
+        from a walled fork server also a pidfd of the handler's process (WalledChild
+        in _bootstrap.py), or -1."""
         try:
             with self._control_lock:
                 socket.send_fds(server.channel, [b"F"], fds)
                 answer, pidfds, _flags, _addr = socket.recv_fds(server.channel,
-                                                                FORK_REPLY_SIZE, 1)
+                                                                FORK_REPLY_SIZE, 2)
         except OSError:
             answer, pidfds = b"", []
         if len(answer) != FORK_REPLY_SIZE:
             for fd in pidfds:
                 os.close(fd)
             raise ForkServerGone()
-        return answer, pidfds[0] if pidfds else -1
+        pidfds += [-1, -1]
+        return answer, pidfds[0], pidfds[1]
 
     def _ask(self, server: Booted, message: bytes, fds: list[int], size: int) -> bytes:
         try:
@@ -169,7 +172,7 @@ class ForkRunner:
         # an OSError here (EMFILE) leaves nothing open; the executor answers 503
         ours, theirs, (out_r, out_w), (err_r, err_w) = channel_and_pipes()
         try:
-            answer, pidfd = self._ask_fork(server, [theirs.fileno(), out_w, err_w])
+            answer, pidfd, inner_pidfd = self._ask_fork(server, [theirs.fileno(), out_w, err_w])
         except ForkServerGone:
             ours.close()
             for fd in (out_r, err_r):
@@ -180,13 +183,19 @@ class ForkRunner:
             os.close(out_w)
             os.close(err_w)
         pid = int.from_bytes(answer, "big", signed=True)
-        child = _Child(pid, pidfd, ours, out_r, err_r, server.same_pid_namespace)
+        child = _Child(pid, pidfd, ours, out_r, err_r, server.same_pid_namespace, inner_pidfd)
         if server.same_pid_namespace is None and pid > 0 and child.pidfd >= 0:
             server.same_pid_namespace = child.in_our_namespace  # read /proc once per server
         if pid <= 0 or child.pidfd < 0:
             if pid > 0:  # no handle on it: it gets EOF on its channel, exits, is reaped
                 self._tell(server, b"w" + pid.to_bytes(4, "big", signed=True))
             child.close()
+            if pid < 0:  # the fork server could not fork, or wall off, a child: -errno
+                from ..executor import Result
+
+                return Result("unavailable", job.context,
+                              error=f"cannot start an invocation of {self.spec.name}: "
+                                    f"{os.strerror(-pid)}")
             return outcome_result(job, "exited", None, 0.0, returncode=1)
         started = time.monotonic()
         why: str | None = "exited"
@@ -211,8 +220,14 @@ class ForkRunner:
         an answer: the hot path waits neither for the child's teardown nor for the
         fork server. `settle`: it ended by itself (its channel closed), and may take
         this long to exit before the kill: a walled child's parent ends just after
-        the handler's process, with its status, which the kill would replace."""
+        the handler's process, with its status, which the kill would replace. A
+        walled child's handler process has a group of its own: it is killed by its
+        pidfd, first, which also kills what is left in its PID namespace."""
         try:
+            if child.inner_pidfd >= 0:  # walled: the handler's process, its namespace with it
+                _pidfd_kill(child.inner_pidfd)
+                if need_status:  # C reaps it and ends as it did: its status, peak RSS
+                    settle = EXIT_SETTLE
             if settle > 0:
                 readable(child.pidfd, settle)
             if server.alive():  # else it may have been reaped by init: no group kill then
@@ -245,9 +260,10 @@ class _Child:
     they differ when the fork server runs in a sandbox."""
 
     def __init__(self, pid: int, pidfd: int, channel: socket.socket, out_fd: int,
-                 err_fd: int, same_pid_namespace: bool | None) -> None:
+                 err_fd: int, same_pid_namespace: bool | None, inner_pidfd: int = -1) -> None:
         self.pid = pid
         self.pidfd = pidfd
+        self.inner_pidfd = inner_pidfd
         self.group = pid
         self.in_our_namespace = bool(same_pid_namespace)
         if not same_pid_namespace:
@@ -269,10 +285,17 @@ class _Child:
 
     def close(self) -> None:
         self.channel.close()
-        for fd in (self.out_fd, self.err_fd, self.pidfd):
+        for fd in (self.out_fd, self.err_fd, self.pidfd, self.inner_pidfd):
             if fd >= 0:
                 os.close(fd)
-        self.out_fd = self.err_fd = self.pidfd = -1
+        self.out_fd = self.err_fd = self.pidfd = self.inner_pidfd = -1
+
+
+def _pidfd_kill(pidfd: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _killpg(pgid: int) -> None:
