@@ -131,22 +131,30 @@ def _response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return status, headers, reader.read(int(headers["content-length"]))
 
 
+def _short_of_fds(server: LiveServer, warm_up: str, path: str
+                  ) -> tuple[set[int], tuple[int, dict[str, str], bytes]]:
+    """POST `path` on a kept-alive connection (warmed up with `warm_up`) while the worker
+    may open only two more descriptors; the worker's fds before, and the answer."""
+    worker = the_worker(server)
+    soft, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        assert _request(sock, warm_up)[0] == 200  # the connection accepted, warm
+        before = _open_fds(worker.pid)
+        worker.rlimit(psutil.RLIMIT_NOFILE, (_limit_leaving(before, 2), hard))
+        try:
+            return before, _request(sock, path)
+        finally:
+            worker.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_spawn_failing_with_emfile_is_503_unavailable_not_the_functions_fault(
         tmp_path: Path) -> None:
     directory = tmp_path / "functions"
     write_function(directory, "ok.py", 'print(\'{"fine": true}\')\n')
     with running(LiveServer(directory)) as server:
         worker = the_worker(server)
-        soft, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
-        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-            assert _request(sock, "/function/ok")[0] == 200  # connection accepted, warm
-            before = _open_fds(worker.pid)
-            # room for one pipe, not for the three a function's stdin/stdout/stderr take
-            worker.rlimit(psutil.RLIMIT_NOFILE, (_limit_leaving(before, 2), hard))
-            try:
-                status, headers, body = _request(sock, "/function/ok")
-            finally:
-                worker.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+        # room for one pipe, not for the three a function's stdin/stdout/stderr take
+        before, (status, headers, body) = _short_of_fds(server, "/function/ok", "/function/ok")
         assert status == 503, body
         assert headers["retry-after"] == "1"
         error = json.loads(body)
@@ -179,17 +187,9 @@ def test_fork_and_warm_out_of_descriptors_is_503_unavailable(tmp_path: Path, mod
     write_toml(directory, f'[functions.fast]\nmode = "{mode}"\n')
     with running(LiveServer(directory)) as server:
         worker = the_worker(server)
-        soft, hard = worker.rlimit(psutil.RLIMIT_NOFILE)
-        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-            warm_up = "/function/fast" if when == "invocation" else "/function/ok"
-            assert _request(sock, warm_up)[0] == 200
-            before = _open_fds(worker.pid)
-            # room for the socketpair, not for the pipes after it
-            worker.rlimit(psutil.RLIMIT_NOFILE, (_limit_leaving(before, 2), hard))
-            try:
-                status, headers, body = _request(sock, "/function/fast")
-            finally:
-                worker.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+        # room for the socketpair, not for the pipes after it
+        warm_up = "/function/fast" if when == "invocation" else "/function/ok"
+        before, (status, headers, body) = _short_of_fds(server, warm_up, "/function/fast")
         assert (status, headers["retry-after"]) == (503, "1"), body
         error = json.loads(body)
         assert error["code"] == "unavailable" and "Too many open files" in error["error"]
