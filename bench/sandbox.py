@@ -150,6 +150,19 @@ def compare_with(baseline: ModuleType, executor: Executor, registry: Registry, n
         print(f"{label:<36}{median:>10.2f}{median - none:>14.2f}")
 
 
+def alternate(plain: Callable[[], None], boxed: Callable[[], None], n: int
+              ) -> tuple[list[float], list[float]]:
+    """Both warmed up, then `n` timed calls of each, alternating: drift falls on both."""
+    for _ in range(5):
+        plain()
+        boxed()
+    none, sandbox = [], []
+    for _ in range(n):
+        none.append(timed(plain))
+        sandbox.append(timed(boxed))
+    return none, sandbox
+
+
 def row(label: str, none: list[float], sandbox: list[float]) -> str:
     def p90(values: list[float]) -> float:
         return statistics.quantiles(values, n=10)[-1]
@@ -186,27 +199,12 @@ def main() -> None:
             spec = registry.get(name)
             boxed = dataclasses.replace(spec, settings=dataclasses.replace(
                 spec.settings, isolation="sandbox", network=network))
-            plain_call = executor_call(executor, spec, base_env)
-            boxed_call = executor_call(executor, boxed, base_env)
-            for _ in range(5):  # warm up both
-                plain_call()
-                boxed_call()
-            none, sandbox = [], []
-            for _ in range(args.n):
-                none.append(timed(plain_call))
-                sandbox.append(timed(boxed_call))
-            print(row(label, none, sandbox))
+            print(row(label, *alternate(executor_call(executor, spec, base_env),
+                                        executor_call(executor, boxed, base_env), args.n)))
         for mode in ("fork", "warm"):  # the sandbox is set up once, by the first call
-            plain_call = executor_call(executor, registry.get(mode), base_env)
-            boxed_call = executor_call(executor, registry.get(f"{mode}box"), base_env)
-            for _ in range(5):
-                plain_call()
-                boxed_call()
-            none, sandbox = [], []
-            for _ in range(args.n):
-                none.append(timed(plain_call))
-                sandbox.append(timed(boxed_call))
-            print(row(f"python {mode} (handler)", none, sandbox))
+            print(row(f"python {mode} (handler)", *alternate(
+                executor_call(executor, registry.get(mode), base_env),
+                executor_call(executor, registry.get(f"{mode}box"), base_env), args.n)))
         spec = registry.get("noop")
         boxed = dataclasses.replace(spec, settings=dataclasses.replace(
             spec.settings, isolation="sandbox"))

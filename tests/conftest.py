@@ -128,3 +128,20 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         if counts["ran"] or counts["skipped"]:
             terminalreporter.write_line(
                 f"{marker} tests: {counts['ran']} ran, {counts['skipped']} skipped{ci}")
+
+
+# -- AWS clients (the Lambda tests) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_aws_profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Clients read no ~/.aws of the developer's, and never ask an instance metadata service."""
+    empty = tmp_path_factory.mktemp("aws") / "none"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_CONFIG_FILE", str(empty))
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                     "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):
+            patch.delenv(name, raising=False)
+        yield

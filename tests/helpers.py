@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,6 +36,36 @@ def write_function(directory: Path, relpath: str, source: str, *, executable: bo
     if executable:
         path.chmod(0o755)
     return path
+
+
+def write_held(directory: Path, state: Path, limit: float = 60.0) -> Path:
+    """`held`: writes its pid to STATE/held.pid, then runs until the test creates
+    STATE/release (a handshake, not a sleep; `limit` seconds at most)."""
+    return write_function(directory, "held.py", f"""
+        import os, time
+        with open({str(state / "held.pid")!r}, "w") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        deadline = time.monotonic() + {limit}
+        while not os.path.exists({str(state / "release")!r}) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print('{{"finished": true}}')
+    """)
+
+
+def in_background(send: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Call `send` in a daemon thread; its answer, or the exception it raised, lands in
+    the list once the thread is done."""
+    answer: list[Any] = []
+
+    def run() -> None:
+        try:
+            answer.append(send())
+        except Exception as exc:
+            answer.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, answer
 
 
 def write_toml(directory: Path, text: str) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import requests
 
-from .helpers import process_gone, read_pid, wait_until, write_function
+from .helpers import in_background, process_gone, read_pid, wait_until, write_function, write_held
 from .live import LiveServer
 
 CLOSE = {"Connection": "close"}  # every request on a new connection
@@ -28,31 +28,12 @@ GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "conf/gunicorn.
 
 def _functions(directory: Path, state: Path) -> None:
     write_function(directory, "ok.py", 'print(\'{"fine": true}\')\n')
-    # runs until the test creates the release file: a handshake, not a sleep
-    write_function(directory, "held.py", f"""
-        import os, time
-        with open({str(state / "held.pid")!r}, "w") as f:
-            f.write(f"{{os.getpid()}}\\n")
-        deadline = time.monotonic() + 60
-        while not os.path.exists({str(state / "release")!r}) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        print('{{"finished": true}}')
-    """)
+    write_held(directory, state)
 
 
 def _in_background(server: LiveServer) -> tuple[threading.Thread, list[Any]]:
-    answer: list[Any] = []
-
-    def run() -> None:
-        try:
-            answer.append(requests.post(server.url("/function/held"), timeout=60,
-                                        headers=CLOSE))
-        except requests.RequestException as exc:
-            answer.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, answer
+    return in_background(lambda: requests.post(server.url("/function/held"), timeout=60,
+                                               headers=CLOSE))
 
 
 def _fresh_get(server: LiveServer, path: str) -> requests.Response:

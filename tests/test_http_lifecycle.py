@@ -9,7 +9,6 @@ import http.client
 import json
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,37 +16,10 @@ from typing import Any
 import pytest
 import requests
 
-from .helpers import process_gone, read_pid, wait_until, write_function
+from .helpers import in_background, process_gone, read_pid, wait_until, write_function, write_held
 from .live import LiveServer, non_loopback_ipv4, running
 
 CLOSE = {"Connection": "close"}
-
-
-def _held(directory: Path, state: Path) -> None:
-    """`held`: writes its pid, then runs until the test creates the release file."""
-    write_function(directory, "held.py", f"""
-        import os, time
-        with open({str(state / "held.pid")!r}, "w") as f:
-            f.write(f"{{os.getpid()}}\\n")
-        deadline = time.monotonic() + 30
-        while not os.path.exists({str(state / "release")!r}) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        print('{{"finished": true}}')
-    """)
-
-
-def _in_background(send: Any) -> tuple[threading.Thread, list[Any]]:
-    answer: list[Any] = []
-
-    def run() -> None:
-        try:
-            answer.append(send())
-        except requests.RequestException as exc:
-            answer.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, answer
 
 
 def _healthz(connection: http.client.HTTPConnection) -> tuple[int, dict[str, Any]]:
@@ -64,7 +36,7 @@ GUNICORN = [str(Path(sys.executable).parent / "gunicorn"), "-c", "conf/gunicorn.
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_drains_in_flight_requests(tmp_path: Path, signum: int, entry: str) -> None:
     directory, state = tmp_path / "functions", tmp_path
-    _held(directory, state)
+    write_held(directory, state, limit=30)
     command = GUNICORN if entry == "gunicorn-conf" else None
     server = LiveServer(directory, command=command).start()
     try:
@@ -72,7 +44,7 @@ def test_signal_drains_in_flight_requests(tmp_path: Path, signum: int, entry: st
         # a kept-alive connection, open before the signal
         kept = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
         assert _healthz(kept) == (200, {"status": "ok"})
-        thread, answer = _in_background(lambda: requests.post(
+        thread, answer = in_background(lambda: requests.post(
             server.url("/function/held"), timeout=30, headers=CLOSE))
         pid = read_pid(state / "held.pid")
 
@@ -117,7 +89,7 @@ def test_run_longer_than_graceful_timeout_is_killed_at_shutdown(tmp_path: Path) 
     server = LiveServer(directory, "--graceful-timeout", "2s").start()
     try:
         assert server.proc is not None
-        thread, answer = _in_background(lambda: requests.post(
+        thread, answer = in_background(lambda: requests.post(
             server.url("/function/forever"), timeout=30, headers=CLOSE))
         pids = [int(p) for p in wait_until(
             lambda: (tmp_path / "forever.pid").read_text().split()

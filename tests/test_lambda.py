@@ -28,23 +28,12 @@ from botocore.exceptions import ClientError
 from tests.helpers import wait_until, write_function, write_toml
 from tests.live import LiveServer, invocation_records, raw_request, running
 
+# clients read no ~/.aws of the developer's (conftest.py)
+pytestmark = pytest.mark.usefixtures("no_aws_profile")
+
 KEY = "k-lambda-0123456789"
 AWS = Path(sys.executable).with_name("aws")
 NO_RETRIES = Config(retries={"max_attempts": 0}, connect_timeout=5, read_timeout=60)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_aws_profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Clients read no ~/.aws of the developer's, and never ask an instance metadata service."""
-    empty = tmp_path_factory.mktemp("aws") / "none"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AWS_CONFIG_FILE", str(empty))
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                     "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION"):
-            patch.delenv(name, raising=False)
-        yield
 
 
 def _functions(directory: Path, marks: Path, gate: Path) -> None:

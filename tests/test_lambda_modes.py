@@ -20,6 +20,9 @@ from tests.live import LiveServer, running
 
 NO_RETRIES = Config(retries={"max_attempts": 0}, connect_timeout=5, read_timeout=60)
 
+# clients read no ~/.aws of the developer's (conftest.py)
+pytestmark = pytest.mark.usefixtures("no_aws_profile")
+
 HANDLER = """
 import json
 
@@ -81,16 +84,6 @@ def _client(server: LiveServer) -> Any:
     return boto3.client("lambda", endpoint_url=server.base, region_name="us-east-1",
                         aws_access_key_id="AKIDMODES", aws_secret_access_key="any",
                         config=NO_RETRIES)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_aws_profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    empty = tmp_path_factory.mktemp("aws") / "none"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AWS_CONFIG_FILE", str(empty))
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty))
-        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        yield
 
 
 @pytest.mark.parametrize("function", ["warmfn", "forkfn"])
