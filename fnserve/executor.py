@@ -22,7 +22,6 @@ import functools
 import os
 import select
 import shutil
-import signal
 import subprocess
 import threading
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import Context, function_environment
-from .reaper import REAPER
+from .reaper import REAPER, kill_group
 from .registry import FunctionSpec
 from .runtimes import RUN_CANCELLED, BuildCancelled, BuildError, Runner, Runtime
 from .sandbox import exit_status, sandbox_argv
@@ -334,7 +333,7 @@ class Executor:
         try:
             outcome, stdout = _Communication(proc, run, invocation, stderr, deadline).run()
         except BaseException:  # Ctrl-C in `fnserve run`, or a bug: never leave it running
-            _killpg(proc.pid)
+            kill_group(proc.pid)
             proc.wait()
             REAPER.release(proc.pid)
             raise
@@ -535,7 +534,7 @@ class _Communication:
     def _leader_exited(self, now: float) -> None:
         self.exited_at = now
         # the function is done; whatever it left running in its group goes with it
-        _killpg(self.proc.pid)
+        kill_group(self.proc.pid)
 
     def _cancelled(self) -> None:
         if self.exited_at is None and not _has_exited(self.proc.pid):
@@ -561,7 +560,7 @@ class _Communication:
 
     def _kill(self, outcome: str) -> None:
         self.outcome = outcome
-        _killpg(self.proc.pid)
+        kill_group(self.proc.pid)
 
     def _close(self) -> None:
         self._close_stdin()
@@ -570,15 +569,6 @@ class _Communication:
                 stream.close()
         if self.pidfd >= 0:
             os.close(self.pidfd)
-
-
-def _killpg(pgid: int) -> None:
-    # Safe from pid reuse: only the executing thread reaps the leader, after this
-    # point, and an unreaped (zombie) leader keeps its group id reserved.
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, int | None]:
@@ -595,7 +585,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, int | None]:
 
 
 def _has_exited(pid: int) -> bool:
-    # WNOWAIT: look without reaping, so the group id stays reserved for _killpg
+    # WNOWAIT: look without reaping, so the group id stays reserved for kill_group
     info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     return info is not None
 

@@ -322,6 +322,16 @@ def _request_id_of(pid: int) -> str | None:
     return None
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group, gone or not. Safe from pid reuse only while its leader
+    is unreaped (a zombie leader keeps the group id reserved): every caller reaps the
+    leader itself, after this."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _kill(pid: int) -> bool:
     # safe from pid reuse: `pid` is our child and unreaped, and only we reap it
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import socket
 import struct
 import subprocess
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..reaper import REAPER
+from ..reaper import REAPER, kill_group
 
 if TYPE_CHECKING:
     from ..executor import Job, LineLog, Result
@@ -242,7 +241,7 @@ class Booted:
 
     def kill(self) -> int:
         """SIGKILL the whole group, reap, close; the wait status as Popen gives it."""
-        _kill_group(self.proc.pid)
+        kill_group(self.proc.pid)
         returncode = self.proc.wait()
         REAPER.release(self.proc.pid)
         self.close_output()
@@ -287,7 +286,7 @@ def boot(job: Job, mode: str, wake_fd: int) -> tuple[Booted | None, Result | Non
         for fd in (out_r, err_r):
             os.close(fd)
         if proc is not None:  # started, but we cannot watch it (no pidfd): it goes
-            _kill_group(proc.pid)
+            kill_group(proc.pid)
             proc.wait()
             REAPER.release(proc.pid)
         if exc.errno in SERVER_EXHAUSTED:  # the server's own trouble, not the function's
@@ -317,13 +316,6 @@ def boot(job: Job, mode: str, wake_fd: int) -> tuple[Booted | None, Result | Non
                          f"({describe_status(returncode)})"}
     return None, Result("init_failed", job.context, duration=duration,
                         error=f"{fields['error_type']}: {fields['error_message']}", **fields)
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def channel_and_pipes(kind: int = socket.SOCK_STREAM

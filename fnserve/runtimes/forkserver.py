@@ -22,6 +22,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from ..reaper import kill_group
 from ..registry import FunctionSpec
 from .channel import (
     Booted,
@@ -231,7 +232,7 @@ class ForkRunner:
             if settle > 0:
                 readable(child.pidfd, settle)
             if server.alive():  # else it may have been reaped by init: no group kill then
-                _killpg(child.group)
+                kill_group(child.group)
             else:
                 signal.pidfd_send_signal(child.pidfd, signal.SIGKILL)
             if not need_status:
@@ -294,13 +295,6 @@ class _Child:
 def _pidfd_kill(pidfd: int) -> None:
     try:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _killpg(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
 

@@ -21,7 +21,6 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -32,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Generic, TypeVar
 
-from ..reaper import REAPER
+from ..reaper import REAPER, kill_group
 from ..registry import FunctionSpec
 from . import RUN_CANCELLED, BuildCancelled, BuildError, Command
 
@@ -336,11 +335,8 @@ def _write_quietly(path: Path, text: str) -> None:
 
 
 def _killpg(proc: subprocess.Popen[bytes]) -> None:
-    if proc.returncode is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
+    if proc.returncode is None:  # not reaped: its group id is still its own
+        kill_group(proc.pid)
 
 
 def _remove_unless_locked(directory: Path) -> None:

@@ -13,12 +13,11 @@ The hot path runs in the calling thread: no hand-off, one poll loop.
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from typing import TYPE_CHECKING
 
+from ..reaper import kill_group
 from ..registry import FunctionSpec
 from .channel import (
     ERROR,
@@ -81,7 +80,7 @@ class WarmPool:
             self._live -= len(idle)
             self._cond.notify_all()
         for process in busy:  # its invocation's thread sees it die, and reaps it
-            _kill_group(process)
+            kill_group(process.proc.pid)
         for process in idle:
             process.kill()
 
@@ -150,8 +149,3 @@ class WarmPool:
         return returncode
 
 
-def _kill_group(process: Booted) -> None:
-    try:
-        os.killpg(process.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
